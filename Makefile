@@ -1,0 +1,34 @@
+# Every target creates .venv and installs first, so a fresh clone needs only `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint serve bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check pdserve engine router decode prefill kvtransfer tests scripts
+
+test: lint
+	$(BIN)/python -m pytest
+
+serve: install
+	$(BIN)/python -m pdserve.cli serve
+
+bench: install
+	$(BIN)/python scripts/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""decode: built in a later issue (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""prefill: built in a later issue (see ../shared/DESIGN.md)."""
