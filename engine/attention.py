@@ -1,0 +1,73 @@
+"""Attention over paged KV blocks, in plain PyTorch.
+
+A batch is flat: ``T`` tokens from several requests, decodes (one query token each) first,
+then prefill chunks. Every token's K and V is written to the pool first; decodes then attend
+over their gathered blocks in one batched call, and each prefill chunk attends causally over
+its cached prefix plus itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import KVCache
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """``num_tokens`` queries at batch rows ``[row, row + num_tokens)``, positions from
+    ``start``; ``block_table`` ``[1, nb]`` covers positions ``[0, start + num_tokens)``."""
+
+    row: int
+    start: int
+    num_tokens: int
+    block_table: torch.Tensor
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    write_block_ids: torch.Tensor  # [T] block of each token's KV
+    write_offsets: torch.Tensor  # [T] slot within that block
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # [B_decode, nb], padded with block 0
+    decode_context_lens: torch.Tensor  # [B_decode]
+    prefills: list[PrefillChunk]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                    layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; k/v are stored in ``cache``."""
+    cache.write(layer, meta.write_block_ids, meta.write_offsets, k, v)
+    out = torch.empty_like(q)
+    num_decode = meta.num_decode_tokens
+    if num_decode:
+        keys, values = cache.gather(layer, meta.decode_block_tables)  # [B, Hkv, L, D]
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = positions[None, :] < meta.decode_context_lens[:, None]  # [B, L]
+        query = q[:num_decode].unsqueeze(2)  # [B, Hq, 1, D]
+        out[:num_decode] = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=True).squeeze(2)
+    for chunk in meta.prefills:
+        rows = slice(chunk.row, chunk.row + chunk.num_tokens)
+        query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if chunk.start == 0 and not cache.is_fp8:
+            # Nothing cached before the chunk: attend over the fresh K/V, no gather needed.
+            keys = k[rows].transpose(0, 1).unsqueeze(0)
+            values = v[rows].transpose(0, 1).unsqueeze(0)
+            result = F.scaled_dot_product_attention(
+                query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            context_len = chunk.start + chunk.num_tokens
+            keys, values = cache.gather(layer, chunk.block_table)
+            keys, values = keys[:, :, :context_len], values[:, :, :context_len]
+            query_pos = torch.arange(chunk.start, context_len, device=q.device)
+            key_pos = torch.arange(context_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # [n, L] causal with an offset
+            result = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = result.squeeze(0).transpose(0, 1)
+    return out

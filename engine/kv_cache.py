@@ -1,0 +1,80 @@
+"""The paged KV pool: allocated once, never moved (NIXL registers its addresses).
+
+Layout, per layer, K and V each ``[num_blocks, num_kv_heads_local, block_size, head_dim]``:
+heads before tokens, so one head range of one block is contiguous. With ``fp8`` the data is
+``float8_e4m3fn`` and a float32 scale per token per head sits beside it in
+``[num_blocks, num_kv_heads_local, block_size]``. All layers live in one tensor so the pool
+is a single registration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# Floor on a scale so an all-zero row does not divide by zero.
+_MIN_SCALE = 1e-12
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) dynamic fp8: ``x ≈ q.float() * scale[..., None]``."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+class KVCache:
+    """K and V blocks for every layer of one tensor-parallel rank."""
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
+                 head_dim: int, dtype: torch.dtype, kv_cache_dtype: str,
+                 device: torch.device | str):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.is_fp8 = kv_cache_dtype == "fp8"
+        storage = FP8_DTYPE if self.is_fp8 else dtype
+        # [num_layers, 2 (K, V), num_blocks, kv_heads, block_size, head_dim]
+        self.data = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
+                                dtype=storage, device=device)
+        # [num_layers, 2, num_blocks, kv_heads, block_size]
+        self.scales = (torch.ones(num_layers, 2, num_blocks, num_kv_heads, block_size,
+                                  dtype=torch.float32, device=device) if self.is_fp8 else None)
+
+    @property
+    def num_bytes(self) -> int:
+        total = self.data.numel() * self.data.element_size()
+        if self.scales is not None:
+            total += self.scales.numel() * self.scales.element_size()
+        return total
+
+    def write(self, layer: int, block_ids: torch.Tensor, offsets: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K and V (``[T, kv_heads, head_dim]``) at (block, offset)."""
+        for index, x in enumerate((k, v)):
+            if self.is_fp8:
+                q, scale = quantize_fp8(x)
+                self.data[layer, index, block_ids, :, offsets] = q
+                self.scales[layer, index, block_ids, :, offsets] = scale
+            else:
+                self.data[layer, index, block_ids, :, offsets] = x
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks, ``block_tables`` ``[B, nb]`` ->  ``[B, kv_heads, nb*bs, D]``."""
+        batch, num_table_blocks = block_tables.shape
+        out = []
+        for index in range(2):
+            x = self.data[layer, index][block_tables]  # [B, nb, H, bs, D]
+            if self.is_fp8:
+                x = dequantize_fp8(x, self.scales[layer, index][block_tables], self.dtype)
+            heads, head_dim = x.shape[2], x.shape[4]
+            x = x.permute(0, 2, 1, 3, 4).reshape(
+                batch, heads, num_table_blocks * self.block_size, head_dim)
+            out.append(x)
+        return out[0], out[1]

@@ -1,0 +1,186 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a paged KV cache.
+
+Tensor-parallel: q/k/v and gate/up are column-parallel, o and down row-parallel; the
+embedding, final norm and output layer are replicated on every rank, so every rank ends
+with the same hidden states and the same logits.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    check_head_split,
+    local_kv_heads,
+)
+from engine.rotary import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
+                 dtype: torch.dtype):
+        super().__init__()
+        check_head_split(config.num_heads, config.num_kv_heads, tp.size)
+        head_dim = config.head_dim
+        self.num_heads = config.num_heads // tp.size
+        first_kv, self.num_kv_heads = local_kv_heads(config.num_kv_heads, tp)
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        q_rows = self.num_heads * head_dim
+        kv_shard = (first_kv * head_dim, self.num_kv_heads * head_dim)
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size,
+            {"q": (tp.rank * q_rows, q_rows), "k": kv_shard, "v": kv_shard},
+            bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(config.num_heads * head_dim, config.hidden_size, tp, dtype)
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: KVCache, layer: int,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = self.rotary(positions, q.view(num_tokens, self.num_heads, self.head_dim))
+        k = self.rotary(positions, k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, cache, layer, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(num_tokens, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__()
+        if config.intermediate_size % tp.size:
+            raise ValueError(f"tensor_parallel_size={tp.size} does not divide "
+                             f"intermediate_size={config.intermediate_size}")
+        rows = config.intermediate_size // tp.size
+        shard = (tp.rank * rows, rows)
+        self.gate_up = ColumnParallelLinear(
+            config.hidden_size, {"gate": shard, "up": shard}, bias=False, dtype=dtype)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp,
+                                           dtype)
+        self.local_size = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split([self.local_size, self.local_size], dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, tp, rotary, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, tp, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: KVCache, layer: int,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), cache, layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+class CausalLM(nn.Module):
+    """The whole decoder: token ids in, hidden states out; logits only where asked."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                 max_positions: int):
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions)
+        self.embed_tokens = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, tp, rotary, dtype) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = (self.embed_tokens if config.tie_word_embeddings else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions ``[T]`` -> hidden ``[T, hidden]``."""
+        x = self.embed_tokens[input_ids]
+        for index, layer in enumerate(self.layers):
+            x = layer(positions, x, cache, index, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden ``[S, hidden]`` -> float32 logits ``[S, vocab]``."""
+        return nn.functional.linear(self.norm(hidden), self.lm_head).float()
+
+    def expected_tensor_names(self) -> set[str]:
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not self.config.tie_word_embeddings:
+            names.add("lm_head.weight")
+        suffixes = ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
+                    "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                    "post_attention_layernorm.weight"]
+        if self.config.qkv_bias:
+            suffixes += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        for index in range(self.config.num_layers):
+            names.update(f"model.layers.{index}.{suffix}" for suffix in suffixes)
+        return names
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> bool:
+        """Copy one checkpoint tensor (HF name) into its place; False if the name is unknown."""
+        with torch.no_grad():
+            if name == "model.embed_tokens.weight":
+                self.embed_tokens.copy_(tensor)
+            elif name == "lm_head.weight":
+                if not self.config.tie_word_embeddings:  # a tied checkpoint may still carry it
+                    self.lm_head.copy_(tensor)
+            elif name == "model.norm.weight":
+                self.norm.weight.copy_(tensor)
+            else:
+                return self._load_layer_tensor(name, tensor)
+        return True
+
+    def _load_layer_tensor(self, name: str, tensor: torch.Tensor) -> bool:
+        match = _LAYER_TENSOR.fullmatch(name)
+        if match is None or int(match[1]) >= len(self.layers):
+            return False
+        layer, module, param = self.layers[int(match[1])], match[2], match[3]
+        fused = {"self_attn.q_proj": (layer.self_attn.qkv, "q"),
+                 "self_attn.k_proj": (layer.self_attn.qkv, "k"),
+                 "self_attn.v_proj": (layer.self_attn.qkv, "v"),
+                 "mlp.gate_proj": (layer.mlp.gate_up, "gate"),
+                 "mlp.up_proj": (layer.mlp.gate_up, "up")}
+        if module in fused and (param == "weight" or fused[module][0].bias is not None):
+            target, shard = fused[module]
+            target.load(shard, param, tensor)
+        elif param == "weight" and module in ("self_attn.o_proj", "mlp.down_proj"):
+            (layer.self_attn.o_proj if module == "self_attn.o_proj" else layer.mlp.down_proj
+             ).load(tensor)
+        elif param == "weight" and module in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, module).weight.copy_(tensor)
+        else:
+            return False
+        return True

@@ -1,0 +1,117 @@
+"""Turns a scheduled batch into tensors, runs the model, returns the logits to sample.
+
+It makes no policy decision. Its input (``ModelInput``) is plain Python so the driver rank
+can broadcast it to the other tensor-parallel ranks as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillChunk
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.model import CausalLM
+from engine.parallel import TensorParallel, local_kv_heads
+from engine.weights import load_weights
+
+
+@dataclass(slots=True)
+class SequenceInput:
+    """Compute ``token_ids`` at positions ``start...``; ``block_ids`` cover them all."""
+
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    needs_logits: bool
+
+
+@dataclass(slots=True)
+class ModelInput:
+    sequences: list[SequenceInput]
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOptions:
+    """What a rank needs to build its model and pool; identical on every rank."""
+
+    model_dir: str
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+    kv_cache_dtype: str
+    max_model_len: int
+
+
+class ModelRunner:
+    """One tensor-parallel rank's model and KV pool."""
+
+    def __init__(self, options: RunnerOptions, tp: TensorParallel):
+        self.options = options
+        self.tp = tp
+        self.device = torch.device(options.device)
+        self.dtype = getattr(torch, options.dtype)
+        self.config = ModelConfig.from_dir(options.model_dir)
+        with torch.device(self.device):
+            self.model = CausalLM(self.config, tp, self.dtype, options.max_model_len)
+        load_weights(self.model, Path(options.model_dir))
+        _, num_kv_heads = local_kv_heads(self.config.num_kv_heads, tp)
+        self.kv_cache = KVCache(self.config.num_layers, options.num_blocks, num_kv_heads,
+                                options.block_size, self.config.head_dim, self.dtype,
+                                options.kv_cache_dtype, self.device)
+
+    @torch.inference_mode()
+    def execute(self, batch: ModelInput) -> torch.Tensor:
+        """Logits ``[S, vocab]`` (float32) for the sequences with ``needs_logits``, in order."""
+        input_ids, positions, meta, logit_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        return self.model.compute_logits(hidden[logit_rows])
+
+    def _prepare(self, batch: ModelInput):
+        # Decodes (one query token) first so they run as one batched attention call.
+        order = sorted(range(len(batch.sequences)),
+                       key=lambda i: len(batch.sequences[i].token_ids) != 1)
+        block_size = self.options.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        last_row: dict[int, int] = {}
+        for index in order:
+            seq = batch.sequences[index]
+            row, count = len(token_ids), len(seq.token_ids)
+            token_ids += seq.token_ids
+            seq_positions = range(seq.start, seq.start + count)
+            positions += seq_positions
+            slots += [seq.block_ids[p // block_size] * block_size + p % block_size
+                      for p in seq_positions]
+            num_table_blocks = -(-(seq.start + count) // block_size)
+            table = seq.block_ids[:num_table_blocks]
+            if count == 1:
+                decode_tables.append(table)
+                decode_lens.append(seq.start + 1)
+            else:
+                prefills.append(PrefillChunk(row, seq.start, count, self._tensor([table])))
+            last_row[index] = row + count - 1
+        width = max((len(t) for t in decode_tables), default=0)
+        slot_tensor = self._tensor(slots)
+        meta = AttentionMetadata(
+            write_block_ids=slot_tensor // block_size,
+            write_offsets=slot_tensor % block_size,
+            num_decode_tokens=len(decode_tables),
+            decode_block_tables=self._tensor([t + [0] * (width - len(t)) for t in decode_tables]),
+            decode_context_lens=self._tensor(decode_lens),
+            prefills=prefills,
+        )
+        logit_rows = [last_row[i] for i, seq in enumerate(batch.sequences) if seq.needs_logits]
+        return (self._tensor(token_ids), self._tensor(positions), meta,
+                self._tensor(logit_rows))
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
