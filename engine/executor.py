@@ -18,7 +18,10 @@ import torch.distributed as dist
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
 
-_INIT_TIMEOUT = timedelta(seconds=300)
+# Ranks must all join within this; a rank that died before joining fails the start.
+_JOIN_TIMEOUT = timedelta(seconds=120)
+# Collectives wait for the driver's next step, which may be far off when the engine idles.
+_COLLECTIVE_TIMEOUT = timedelta(days=365)
 
 
 class LocalExecutor:
@@ -42,7 +45,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _init_rank(options: RunnerOptions, rank: int, size: int, address: str,
+def _init_rank(options: RunnerOptions, rank: int, size: int, port: int,
                num_threads: int | None) -> ModelRunner:
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -50,8 +53,9 @@ def _init_rank(options: RunnerOptions, rank: int, size: int, address: str,
     if is_cuda:
         torch.cuda.set_device(rank)
         options = RunnerOptions(**{**_as_dict(options), "device": f"cuda:{rank}"})
-    dist.init_process_group("nccl" if is_cuda else "gloo", init_method=address, rank=rank,
-                            world_size=size, timeout=_INIT_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=_JOIN_TIMEOUT)
+    dist.init_process_group("nccl" if is_cuda else "gloo", store=store, rank=rank,
+                            world_size=size, timeout=_COLLECTIVE_TIMEOUT)
     return ModelRunner(options, TensorParallel(rank, size))
 
 
@@ -59,9 +63,9 @@ def _as_dict(options: RunnerOptions) -> dict:
     return {name: getattr(options, name) for name in options.__slots__}
 
 
-def _worker_main(options: RunnerOptions, rank: int, size: int, address: str,
+def _worker_main(options: RunnerOptions, rank: int, size: int, port: int,
                  num_threads: int | None) -> None:
-    runner = _init_rank(options, rank, size, address, num_threads)
+    runner = _init_rank(options, rank, size, port, num_threads)
     while True:
         message: list = [None]
         dist.broadcast_object_list(message, src=0)
@@ -75,16 +79,16 @@ class MultiprocessExecutor:
     """Rank 0 here, ranks 1.. in spawned processes, one process group."""
 
     def __init__(self, options: RunnerOptions, tp_size: int, num_threads: int | None):
-        address = f"tcp://127.0.0.1:{_free_port()}"
+        port = _free_port()
         context = multiprocessing.get_context("spawn")
         self.processes = [
             context.Process(target=_worker_main, daemon=True,
-                            args=(options, rank, tp_size, address, num_threads))
+                            args=(options, rank, tp_size, port, num_threads))
             for rank in range(1, tp_size)
         ]
         for process in self.processes:
             process.start()
-        self.runner = _init_rank(options, 0, tp_size, address, num_threads)
+        self.runner = _init_rank(options, 0, tp_size, port, num_threads)
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         self._check_alive()

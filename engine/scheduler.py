@@ -54,6 +54,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_remote_kv: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -132,6 +133,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
