@@ -52,6 +52,8 @@ class LLM:
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or token")
             if self.tokenizer is None:
                 raise ValueError("prompt is text but the model directory has no tokenizer.json; "
                                  "pass token ids")
