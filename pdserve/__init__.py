@@ -1,3 +1,6 @@
-"""pdserve: the light base (config, protocol, tokenizer, hashing) and the doors. No torch, no ray here."""
+"""pdserve: the light base (config, protocol, tokenizer, hashing) and the doors.
+
+Nothing here imports torch or ray at import time.
+"""
 
 __version__ = "0.1.0"
