@@ -112,7 +112,7 @@ class LLMEngine:
         self.num_blocks, self.max_model_len = plan_pool(self.model_config, config, device, dtype)
         options = RunnerOptions(self.model_dir, dtype, device, self.num_blocks,
                                 config.block_size, config.kv_cache_dtype, self.max_model_len)
-        threads = config.num_threads or default_num_threads(device, config.tensor_parallel_size)
+        threads = config.num_threads or default_num_threads(device)
         if config.tensor_parallel_size == 1:
             self.executor = LocalExecutor(options, threads)
         else:

@@ -8,7 +8,6 @@ ranks run the same forward pass. Only rank 0's logits are used.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import socket
 from datetime import timedelta
 
@@ -111,8 +110,8 @@ class MultiprocessExecutor:
                 process.kill()
 
 
-def default_num_threads(device: str, tp_size: int) -> int | None:
-    """On CPU each rank of a TP group gets an equal share of the cores; TP1 keeps torch's."""
-    if device != "cpu" or tp_size == 1:
-        return None
-    return max(1, (os.cpu_count() or 1) // tp_size)
+def default_num_threads(device: str) -> int | None:
+    """One torch thread per rank on CPU (DESIGN.md): ranks and workers share few cores, and
+    intra-op threads spinning on a busy core cost far more than they save on small GEMMs.
+    Set ``num_threads`` to give a lone engine more."""
+    return 1 if device == "cpu" else None
