@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check pdserve engine router decode prefill kvtransfer tests scripts
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest

@@ -40,6 +40,8 @@ class KVCache:
         self.dtype = dtype
         self.is_fp8 = kv_cache_dtype == "fp8"
         storage = FP8_DTYPE if self.is_fp8 else dtype
+        # zeros, not empty: a decode reads whole blocks and masks the unused slots, and a
+        # masked NaN left over in uninitialised memory would still poison the softmax sum.
         # [num_layers, 2 (K, V), num_blocks, kv_heads, block_size, head_dim]
         self.data = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
                                 dtype=storage, device=device)
