@@ -45,12 +45,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     num_decode = meta.num_decode_tokens
     if num_decode:
         keys, values = cache.gather(layer, meta.decode_block_tables)  # [B, Hkv, L, D]
-        positions = torch.arange(keys.shape[2], device=q.device)
+        batch, num_kv_heads, length, head_dim = keys.shape
+        positions = torch.arange(length, device=q.device)
         mask = positions[None, :] < meta.decode_context_lens[:, None]  # [B, L]
-        query = q[:num_decode].unsqueeze(2)  # [B, Hq, 1, D]
-        out[:num_decode] = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask[:, None, None, :], scale=scale,
-            enable_gqa=True).squeeze(2)
+        # Grouped-query decode without repeating K/V: the query heads sharing a KV head
+        # stand in as that head's query rows. [B, Hkv, Hq/Hkv, D]
+        query = q[:num_decode].view(batch, num_kv_heads, -1, head_dim)
+        result = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        out[:num_decode] = result.reshape(batch, -1, head_dim)
     for chunk in meta.prefills:
         rows = slice(chunk.row, chunk.row + chunk.num_tokens)
         query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]

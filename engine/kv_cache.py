@@ -68,15 +68,23 @@ class KVCache:
                 self.data[layer, index, block_ids, :, offsets] = x
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks, ``block_tables`` ``[B, nb]`` ->  ``[B, kv_heads, nb*bs, D]``."""
+        """K and V of whole blocks, ``block_tables`` ``[B, nb]`` ->  ``[B, kv_heads, nb*bs, D]``.
+
+        One (block, head) pair is a contiguous ``[bs, D]`` row of the pool, so a single
+        ``index_select`` of rows ordered (request, head, block) lands already in attention
+        layout: no permute copy afterwards.
+        """
         batch, num_table_blocks = block_tables.shape
+        _, _, num_blocks, heads, block_size, head_dim = self.data.shape
+        head_ids = torch.arange(heads, device=block_tables.device)
+        rows = (block_tables[:, None, :] * heads + head_ids[None, :, None]).flatten()  # B*H*nb
         out = []
         for index in range(2):
-            x = self.data[layer, index][block_tables]  # [B, nb, H, bs, D]
+            pool = self.data[layer, index].view(num_blocks * heads, block_size * head_dim)
+            x = pool.index_select(0, rows)
             if self.is_fp8:
-                x = dequantize_fp8(x, self.scales[layer, index][block_tables], self.dtype)
-            heads, head_dim = x.shape[2], x.shape[4]
-            x = x.permute(0, 2, 1, 3, 4).reshape(
-                batch, heads, num_table_blocks * self.block_size, head_dim)
-            out.append(x)
+                scales = self.scales[layer, index].view(num_blocks * heads, block_size)
+                x = dequantize_fp8(x.view(-1, block_size, head_dim), scales.index_select(0, rows),
+                                   self.dtype)
+            out.append(x.view(batch, heads, num_table_blocks * block_size, head_dim))
         return out[0], out[1]
