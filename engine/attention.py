@@ -1,9 +1,10 @@
 """Attention over paged KV blocks, in plain PyTorch.
 
 A batch is flat: ``T`` tokens from several requests, decodes (one query token each) first,
-then prefill chunks. Every token's K and V is written to the pool first; decodes then attend
-over their gathered blocks in one batched call, and each prefill chunk attends causally over
-its cached prefix plus itself.
+sorted by context length, then prefill chunks. Every token's K and V is written to the pool
+first; decodes then attend over their gathered blocks in a few batched calls (groups of
+similar length, so little is gathered for padding), and each prefill chunk attends causally
+over its cached prefix plus itself.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decodes at batch rows ``[row, row + B)``, one query token each."""
+
+    row: int
+    block_tables: torch.Tensor  # [B, nb], padded with block 0
+    context_lens: torch.Tensor  # [B]
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     write_block_ids: torch.Tensor  # [T] block of each token's KV
     write_offsets: torch.Tensor  # [T] slot within that block
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor  # [B_decode, nb], padded with block 0
-    decode_context_lens: torch.Tensor  # [B_decode]
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
@@ -42,18 +50,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``; k/v are stored in ``cache``."""
     cache.write(layer, meta.write_block_ids, meta.write_offsets, k, v)
     out = torch.empty_like(q)
-    num_decode = meta.num_decode_tokens
-    if num_decode:
-        keys, values = cache.gather(layer, meta.decode_block_tables)  # [B, Hkv, L, D]
+    for group in meta.decodes:
+        keys, values = cache.gather(layer, group.block_tables)  # [B, Hkv, L, D]
         batch, num_kv_heads, length, head_dim = keys.shape
         positions = torch.arange(length, device=q.device)
-        mask = positions[None, :] < meta.decode_context_lens[:, None]  # [B, L]
+        mask = positions[None, :] < group.context_lens[:, None]  # [B, L]
+        rows = slice(group.row, group.row + batch)
         # Grouped-query decode without repeating K/V: the query heads sharing a KV head
         # stand in as that head's query rows. [B, Hkv, Hq/Hkv, D]
-        query = q[:num_decode].view(batch, num_kv_heads, -1, head_dim)
+        query = q[rows].view(batch, num_kv_heads, -1, head_dim)
         result = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
-        out[:num_decode] = result.reshape(batch, -1, head_dim)
+        out[rows] = result.reshape(batch, -1, head_dim)
     for chunk in meta.prefills:
         rows = slice(chunk.row, chunk.row + chunk.num_tokens)
         query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]

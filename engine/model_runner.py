@@ -11,12 +11,16 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillChunk
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.parallel import TensorParallel, local_kv_heads
 from engine.weights import load_weights
+
+# Decodes attend in groups this large: large enough to batch the kernels, small enough that
+# sorting by length leaves little padding to gather.
+DECODE_GROUP_SIZE = 16
 
 
 @dataclass(slots=True)
@@ -72,15 +76,14 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logit_rows])
 
     def _prepare(self, batch: ModelInput):
-        # Decodes (one query token) first so they run as one batched attention call.
-        order = sorted(range(len(batch.sequences)),
-                       key=lambda i: len(batch.sequences[i].token_ids) != 1)
+        # Decodes (one query token) first, shortest context first, then prefill chunks.
+        order = sorted(range(len(batch.sequences)), key=lambda i: (
+            len(batch.sequences[i].token_ids) != 1, batch.sequences[i].start))
         block_size = self.options.block_size
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         last_row: dict[int, int] = {}
         for index in order:
@@ -91,27 +94,34 @@ class ModelRunner:
             positions += seq_positions
             slots += [seq.block_ids[p // block_size] * block_size + p % block_size
                       for p in seq_positions]
-            num_table_blocks = -(-(seq.start + count) // block_size)
-            table = seq.block_ids[:num_table_blocks]
+            table = seq.block_ids[: -(-(seq.start + count) // block_size)]
             if count == 1:
                 decode_tables.append(table)
-                decode_lens.append(seq.start + 1)
             else:
                 prefills.append(PrefillChunk(row, seq.start, count, self._tensor([table])))
             last_row[index] = row + count - 1
-        width = max((len(t) for t in decode_tables), default=0)
         slot_tensor = self._tensor(slots)
         meta = AttentionMetadata(
             write_block_ids=slot_tensor // block_size,
             write_offsets=slot_tensor % block_size,
-            num_decode_tokens=len(decode_tables),
-            decode_block_tables=self._tensor([t + [0] * (width - len(t)) for t in decode_tables]),
-            decode_context_lens=self._tensor(decode_lens),
+            decodes=self._decode_groups(decode_tables, positions),
             prefills=prefills,
         )
         logit_rows = [last_row[i] for i, seq in enumerate(batch.sequences) if seq.needs_logits]
         return (self._tensor(token_ids), self._tensor(positions), meta,
                 self._tensor(logit_rows))
+
+    def _decode_groups(self, tables: list[list[int]], positions: list[int]) -> list[DecodeGroup]:
+        """Decodes (sorted by length) in groups of DECODE_GROUP_SIZE, each padded only to its
+        own longest table."""
+        groups = []
+        for row in range(0, len(tables), DECODE_GROUP_SIZE):
+            group = tables[row : row + DECODE_GROUP_SIZE]
+            width = max(len(t) for t in group)
+            groups.append(DecodeGroup(
+                row, self._tensor([t + [0] * (width - len(t)) for t in group]),
+                self._tensor([p + 1 for p in positions[row : row + len(group)]])))
+        return groups
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -88,3 +88,11 @@ def test_tensor_parallel_2(tiny_llama_dir):
     outputs, _ = generate(str(tiny_llama_dir), prompts, num_blocks=32, block_size=8,
                           tensor_parallel_size=2)
     assert_matches_hf(str(tiny_llama_dir), prompts, outputs)
+
+
+def test_more_decodes_than_one_attention_group(tiny_llama_dir):
+    from engine.model_runner import DECODE_GROUP_SIZE
+
+    prompts = random_prompts(list(range(3, 3 + 2 * (DECODE_GROUP_SIZE + 2), 2)), 400, seed=6)
+    outputs, _ = generate(str(tiny_llama_dir), prompts, num_blocks=256, block_size=4)
+    assert_matches_hf(str(tiny_llama_dir), prompts, outputs)
