@@ -36,6 +36,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nloaded in {load_s:.2f} s; {len(outputs)} requests, {num_tokens} tokens in "
           f"{elapsed_s:.2f} s = {num_tokens / elapsed_s:.0f} output tokens/s")
     print("The embedded model has random weights: the text is deterministic, not meaningful.")
-    print("Offline API: from engine import LLM, SamplingParams; "
-          "LLM(model_dir).generate(prompts, SamplingParams(...))")
+    print("Call it from Python (.venv/bin/python):\n"
+          "  from engine import LLM, SamplingParams\n"
+          f"  llm = LLM({model_dir!r})\n"
+          "  llm.generate(['Hello'], SamplingParams(max_tokens=16, temperature=0))[0].text\n"
+          "The HTTP server and the Ray cluster arrive with the router and worker issues.")
     return 0
