@@ -19,10 +19,6 @@ from engine.sampler import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.sampling import SamplingParams
 
-# Without an explicit num_blocks, never size the pool past what max_num_seqs full-length
-# requests could use: a tiny model should not take gigabytes of KV because memory is free.
-_POOL_HEADROOM = 1
-
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -86,7 +82,9 @@ def plan_pool(model: ModelConfig, config: EngineConfig, device: str,
     if num_blocks is None:
         budget = int(_available_bytes(device) * config.kv_cache_memory_fraction)
         num_blocks = budget // kv_bytes_per_block(model, config, dtype)
-        num_blocks = min(num_blocks, blocks_per_seq * config.max_num_seqs + _POOL_HEADROOM)
+        # Never past what max_num_seqs full-length requests could use: a tiny model should
+        # not take gigabytes of KV just because memory is free.
+        num_blocks = min(num_blocks, blocks_per_seq * config.max_num_seqs)
     if num_blocks * config.block_size < max_model_len:
         if config.max_model_len is not None:
             raise ValueError(
