@@ -12,6 +12,7 @@ import torch
 from engine.block_manager import BlockManager, KVEvent
 from engine.config import EngineConfig, ModelConfig
 from engine.executor import LocalExecutor, MultiprocessExecutor, default_num_threads
+from engine.kv_cache import bytes_per_block
 from engine.model_runner import ModelInput, RunnerOptions, SequenceInput
 from engine.parallel import TensorParallel, check_head_split, local_kv_heads
 from engine.request import Request, RequestId, RequestStatus
@@ -52,11 +53,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
 def kv_bytes_per_block(model: ModelConfig, config: EngineConfig, dtype: str) -> int:
     tp = TensorParallel(0, config.tensor_parallel_size)
     _, num_kv_heads = local_kv_heads(model.num_kv_heads, tp)
-    if config.kv_cache_dtype == "fp8":
-        per_token_head = model.head_dim + 4  # one byte per element plus a float32 scale
-    else:
-        per_token_head = model.head_dim * getattr(torch, dtype).itemsize
-    return model.num_layers * 2 * num_kv_heads * config.block_size * per_token_head
+    return bytes_per_block(model.num_layers, num_kv_heads, config.block_size, model.head_dim,
+                           getattr(torch, dtype), config.kv_cache_dtype)
 
 
 def _available_bytes(device: str) -> int:
@@ -108,8 +106,9 @@ class LLMEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         self.num_blocks, self.max_model_len = plan_pool(self.model_config, config, device, dtype)
-        options = RunnerOptions(self.model_dir, dtype, device, self.num_blocks,
-                                config.block_size, config.kv_cache_dtype, self.max_model_len)
+        options = RunnerOptions(self.model_dir, self.model_config, dtype, device,
+                                self.num_blocks, config.block_size, config.kv_cache_dtype,
+                                self.max_model_len)
         threads = config.num_threads or default_num_threads(device)
         if config.tensor_parallel_size == 1:
             self.executor = LocalExecutor(options, threads)

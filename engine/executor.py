@@ -7,6 +7,7 @@ ranks run the same forward pass. Only rank 0's logits are used.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import socket
 from datetime import timedelta
@@ -51,15 +52,11 @@ def _init_rank(options: RunnerOptions, rank: int, size: int, port: int,
     is_cuda = options.device.startswith("cuda")
     if is_cuda:
         torch.cuda.set_device(rank)
-        options = RunnerOptions(**{**_as_dict(options), "device": f"cuda:{rank}"})
+        options = dataclasses.replace(options, device=f"cuda:{rank}")
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=_JOIN_TIMEOUT)
     dist.init_process_group("nccl" if is_cuda else "gloo", store=store, rank=rank,
                             world_size=size, timeout=_COLLECTIVE_TIMEOUT)
     return ModelRunner(options, TensorParallel(rank, size))
-
-
-def _as_dict(options: RunnerOptions) -> dict:
-    return {name: getattr(options, name) for name in options.__slots__}
 
 
 def _worker_main(options: RunnerOptions, rank: int, size: int, port: int,

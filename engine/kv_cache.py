@@ -29,6 +29,16 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
+def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
+                    dtype: torch.dtype, kv_cache_dtype: str) -> int:
+    """What one block costs across all layers, K and V, scales included: pool sizing."""
+    if kv_cache_dtype == "fp8":
+        per_token_head = head_dim * FP8_DTYPE.itemsize + torch.float32.itemsize
+    else:
+        per_token_head = head_dim * dtype.itemsize
+    return num_layers * 2 * num_kv_heads * block_size * per_token_head
+
+
 class KVCache:
     """K and V blocks for every layer of one tensor-parallel rank."""
 
@@ -48,13 +58,6 @@ class KVCache:
         # [num_layers, 2, num_blocks, kv_heads, block_size]
         self.scales = (torch.ones(num_layers, 2, num_blocks, num_kv_heads, block_size,
                                   dtype=torch.float32, device=device) if self.is_fp8 else None)
-
-    @property
-    def num_bytes(self) -> int:
-        total = self.data.numel() * self.data.element_size()
-        if self.scales is not None:
-            total += self.scales.numel() * self.scales.element_size()
-        return total
 
     def write(self, layer: int, block_ids: torch.Tensor, offsets: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:

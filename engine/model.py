@@ -42,7 +42,6 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
                  dtype: torch.dtype):
         super().__init__()
-        check_head_split(config.num_heads, config.num_kv_heads, tp.size)
         head_dim = config.head_dim
         self.num_heads = config.num_heads // tp.size
         first_kv, self.num_kv_heads = local_kv_heads(config.num_kv_heads, tp)
@@ -113,6 +112,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                  max_positions: int):
         super().__init__()
+        check_head_split(config.num_heads, config.num_kv_heads, tp.size)
         self.config = config
         rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions)
         self.embed_tokens = nn.Parameter(

@@ -43,6 +43,7 @@ class RunnerOptions:
     """What a rank needs to build its model and pool; identical on every rank."""
 
     model_dir: str
+    model: ModelConfig
     dtype: str
     device: str
     num_blocks: int
@@ -59,7 +60,7 @@ class ModelRunner:
         self.tp = tp
         self.device = torch.device(options.device)
         self.dtype = getattr(torch, options.dtype)
-        self.config = ModelConfig.from_dir(options.model_dir)
+        self.config = options.model
         with torch.device(self.device):
             self.model = CausalLM(self.config, tp, self.dtype, options.max_model_len)
         load_weights(self.model, Path(options.model_dir))

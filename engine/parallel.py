@@ -21,10 +21,6 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.all_reduce(tensor)

@@ -52,14 +52,19 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     output_logits: list = field(default_factory=list)
+    # Prompt then output, kept whole so the per-step paths slice it instead of concatenating.
+    all_token_ids: list[int] = field(init=False)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

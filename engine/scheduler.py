@@ -96,12 +96,12 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              output: SchedulerOutput) -> list[int] | None:
-        scheduled = {id(s.request) for s in output.scheduled}
         while True:
             block_ids = self.block_manager.allocate(
                 request.request_id, request.num_computed_tokens + num_new)
             if block_ids is not None:
                 return block_ids
+            scheduled = {id(s.request) for s in output.scheduled}
             victims = [r for r in self.running if id(r) not in scheduled and r is not request
                        and r.status is RequestStatus.RUNNING]
             victim = max(victims, key=lambda r: r.arrival_index) if victims else request
@@ -150,7 +150,7 @@ class Scheduler:
             token = sampled.get(request.request_id)
             if token is None:
                 continue
-            request.output_token_ids.append(token)
+            request.append_output(token)
             status = request.stop_status(self.max_model_len)
             if status is not None:
                 self._finish(request, status)

@@ -42,3 +42,14 @@ def test_fp8_logits_stay_close_to_full_precision(tiny_llama_dir):
         reference = hf_logits_along(model_dir, prompt, output.token_ids)
         cosine = torch.nn.functional.cosine_similarity(torch.stack(output.logits), reference)
         assert float(cosine.min()) > MIN_LOGITS_COSINE
+
+
+def test_pool_sizing_counts_exactly_what_the_pool_allocates():
+    from engine.kv_cache import KVCache, bytes_per_block
+
+    for kv_cache_dtype in ("auto", "fp8"):
+        cache = KVCache(3, 5, 2, 4, 16, torch.float32, kv_cache_dtype, "cpu")
+        allocated = cache.data.numel() * cache.data.element_size()
+        if cache.scales is not None:
+            allocated += cache.scales.numel() * cache.scales.element_size()
+        assert allocated == 5 * bytes_per_block(3, 2, 4, 16, torch.float32, kv_cache_dtype)
