@@ -14,18 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, PoolRows
 
 
 @dataclass(slots=True)
 class PrefillChunk:
     """``num_tokens`` queries at batch rows ``[row, row + num_tokens)``, positions from
-    ``start``; ``block_table`` ``[1, nb]`` covers positions ``[0, start + num_tokens)``."""
+    ``start``; ``blocks`` (one table) cover positions ``[0, start + num_tokens)``."""
 
     row: int
     start: int
     num_tokens: int
-    block_table: torch.Tensor
+    blocks: PoolRows
 
 
 @dataclass(slots=True)
@@ -33,7 +33,7 @@ class DecodeGroup:
     """Decodes at batch rows ``[row, row + B)``, one query token each."""
 
     row: int
-    block_tables: torch.Tensor  # [B, nb], padded with block 0
+    blocks: PoolRows  # B tables of nb blocks, padded with block 0
     context_lens: torch.Tensor  # [B]
 
 
@@ -51,7 +51,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     cache.write(layer, meta.write_block_ids, meta.write_offsets, k, v)
     out = torch.empty_like(q)
     for group in meta.decodes:
-        keys, values = cache.gather(layer, group.block_tables)  # [B, Hkv, L, D]
+        keys, values = cache.gather(layer, group.blocks)  # [B, Hkv, L, D]
         batch, num_kv_heads, length, head_dim = keys.shape
         positions = torch.arange(length, device=q.device)
         mask = positions[None, :] < group.context_lens[:, None]  # [B, L]
@@ -73,7 +73,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
             context_len = chunk.start + chunk.num_tokens
-            keys, values = cache.gather(layer, chunk.block_table)
+            keys, values = cache.gather(layer, chunk.blocks)
             keys, values = keys[:, :, :context_len], values[:, :, :context_len]
             query_pos = torch.arange(chunk.start, context_len, device=q.device)
             key_pos = torch.arange(context_len, device=q.device)

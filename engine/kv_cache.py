@@ -9,6 +9,8 @@ is a single registration.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -37,6 +39,14 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_di
     else:
         per_token_head = head_dim * dtype.itemsize
     return num_layers * 2 * num_kv_heads * block_size * per_token_head
+
+
+class PoolRows(NamedTuple):
+    """Flat pool-row indices for a batch of block tables (see ``KVCache.rows_for``)."""
+
+    rows: torch.Tensor  # [B * kv_heads * nb]
+    batch: int
+    num_table_blocks: int
 
 
 class KVCache:
@@ -70,24 +80,29 @@ class KVCache:
             else:
                 self.data[layer, index, block_ids, :, offsets] = x
 
-    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks, ``block_tables`` ``[B, nb]`` ->  ``[B, kv_heads, nb*bs, D]``.
+    def rows_for(self, block_tables: torch.Tensor) -> PoolRows:
+        """The pool rows holding ``block_tables`` ``[B, nb]``, ordered (request, head, block).
 
-        One (block, head) pair is a contiguous ``[bs, D]`` row of the pool, so a single
-        ``index_select`` of rows ordered (request, head, block) lands already in attention
-        layout: no permute copy afterwards.
+        One (block, head) pair is a contiguous ``[bs, D]`` row of the pool, so gathering
+        these rows lands K and V already in attention layout: no permute copy afterwards.
+        Built once per step and used by every layer.
         """
         batch, num_table_blocks = block_tables.shape
-        _, _, num_blocks, heads, block_size, head_dim = self.data.shape
+        heads = self.data.shape[3]
         head_ids = torch.arange(heads, device=block_tables.device)
-        rows = (block_tables[:, None, :] * heads + head_ids[None, :, None]).flatten()  # B*H*nb
+        rows = (block_tables[:, None, :] * heads + head_ids[None, :, None]).flatten()
+        return PoolRows(rows, batch, num_table_blocks)
+
+    def gather(self, layer: int, rows: PoolRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks as ``[B, kv_heads, nb*bs, D]``."""
+        _, _, num_blocks, heads, block_size, head_dim = self.data.shape
         out = []
         for index in range(2):
             pool = self.data[layer, index].view(num_blocks * heads, block_size * head_dim)
-            x = pool.index_select(0, rows)
+            x = pool.index_select(0, rows.rows)
             if self.is_fp8:
                 scales = self.scales[layer, index].view(num_blocks * heads, block_size)
-                x = dequantize_fp8(x.view(-1, block_size, head_dim), scales.index_select(0, rows),
-                                   self.dtype)
-            out.append(x.view(batch, heads, num_table_blocks * block_size, head_dim))
+                x = dequantize_fp8(x.view(-1, block_size, head_dim),
+                                   scales.index_select(0, rows.rows), self.dtype)
+            out.append(x.view(rows.batch, heads, rows.num_table_blocks * block_size, head_dim))
         return out[0], out[1]

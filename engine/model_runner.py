@@ -99,7 +99,8 @@ class ModelRunner:
             if count == 1:
                 decode_tables.append(table)
             else:
-                prefills.append(PrefillChunk(row, seq.start, count, self._tensor([table])))
+                prefills.append(PrefillChunk(row, seq.start, count,
+                                             self.kv_cache.rows_for(self._tensor([table]))))
             last_row[index] = row + count - 1
         slot_tensor = self._tensor(slots)
         meta = AttentionMetadata(
@@ -120,7 +121,8 @@ class ModelRunner:
             group = tables[row : row + DECODE_GROUP_SIZE]
             width = max(len(t) for t in group)
             groups.append(DecodeGroup(
-                row, self._tensor([t + [0] * (width - len(t)) for t in group]),
+                row, self.kv_cache.rows_for(
+                    self._tensor([t + [0] * (width - len(t)) for t in group])),
                 self._tensor([p + 1 for p in positions[row : row + len(group)]])))
         return groups
 
