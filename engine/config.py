@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pdserve.checkpoint_files import read_json
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -14,15 +15,6 @@ SUPPORTED_ARCHITECTURES = {
 }
 KV_CACHE_DTYPES = ("auto", "fp8")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a model directory needs it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +61,7 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         model_dir = Path(model_dir)
-        raw = _read_json(model_dir / "config.json")
+        raw = read_json(model_dir / "config.json")
         architecture = (raw.get("architectures") or [None])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -131,7 +123,7 @@ def _eos_token_ids(model_dir: Path, raw: dict[str, Any]) -> tuple[int, ...]:
     eos: Any = raw.get("eos_token_id")
     generation_path = model_dir / "generation_config.json"
     if generation_path.is_file():
-        eos = _read_json(generation_path).get("eos_token_id", eos)
+        eos = read_json(generation_path).get("eos_token_id", eos)
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pdserve.checkpoint_files import read_bytes, read_json
 
 
 class Tokenizer:
@@ -34,8 +35,8 @@ class Tokenizer:
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
         """Load tokenizer.json and tokenizer_config.json from a checkpoint directory."""
         tokenizer_path = Path(model_dir) / "tokenizer.json"
-        config = _read_json(Path(model_dir) / "tokenizer_config.json")
-        raw = _read_bytes(tokenizer_path)
+        config = read_json(Path(model_dir) / "tokenizer_config.json")
+        raw = read_bytes(tokenizer_path)
         try:
             backend = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as error:  # the Rust parser raises a bare Exception
@@ -139,20 +140,3 @@ def _default_template(value: object) -> str | None:
         if isinstance(named.get("default"), str):
             return named["default"]
     raise ValueError(f"tokenizer_config.json chat_template has no 'default' template: {value!r}")
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(_read_bytes(path))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
