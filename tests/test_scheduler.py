@@ -85,14 +85,19 @@ def test_max_model_len_finishes_with_length():
     assert request.status is RequestStatus.FINISHED_LENGTH and request.num_tokens == 4
 
 
-def test_preemption_recomputes_the_latest_arrival():
-    # 4 blocks of 2 tokens: a and b each hold 2 blocks after prefill; the next decode of a
-    # needs a third block, so b (the later arrival) is preempted.
+def two_requests_filling_four_blocks(max_tokens):
+    """4 blocks of 2 tokens: a and b each hold 2 blocks after prefill, so the next decode of
+    a needs a third block and b (the later arrival) is preempted."""
     scheduler, manager = make_scheduler(num_blocks=4, block_size=2, budget=16)
-    a = make_request("a", 4, 0, max_tokens=8)
-    b = make_request("b", 4, 1, max_tokens=8, first_token=50)
+    a = make_request("a", 4, 0, max_tokens=max_tokens)
+    b = make_request("b", 4, 1, max_tokens=max_tokens, first_token=50)
     scheduler.add_request(a)
     scheduler.add_request(b)
+    return scheduler, manager, a, b
+
+
+def test_preemption_recomputes_the_latest_arrival():
+    scheduler, manager, a, b = two_requests_filling_four_blocks(max_tokens=8)
     assert plan(run_step(scheduler)) == [("a", 0, 4, [0, 1]), ("b", 0, 4, [2, 3])]
     output = run_step(scheduler)
     assert [r.request_id for r in output.preempted] == ["b"]
@@ -104,11 +109,7 @@ def test_preemption_recomputes_the_latest_arrival():
 
 
 def test_preempted_request_resumes_from_its_cached_prefix():
-    scheduler, _ = make_scheduler(num_blocks=4, block_size=2, budget=16)
-    a = make_request("a", 4, 0, max_tokens=3)
-    b = make_request("b", 4, 1, max_tokens=3, first_token=50)
-    scheduler.add_request(a)
-    scheduler.add_request(b)
+    scheduler, _, a, b = two_requests_filling_four_blocks(max_tokens=3)
     run_step(scheduler)
     run_step(scheduler)  # b preempted, its full blocks stay cached while free
     while a.status is RequestStatus.RUNNING:
