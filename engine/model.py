@@ -8,6 +8,7 @@ with the same hidden states and the same logits.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -124,11 +125,18 @@ class CausalLM(nn.Module):
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions ``[T]`` -> hidden ``[T, hidden]``."""
+                meta: AttentionMetadata,
+                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions ``[T]`` -> hidden ``[T, hidden]``.
+
+        ``after_layer(index)`` runs once each layer's KV is in the pool: the prefill side
+        streams that layer out while the next one computes.
+        """
         x = self.embed_tokens[input_ids]
         for index, layer in enumerate(self.layers):
             x = layer(positions, x, cache, index, meta)
+            if after_layer is not None:
+                after_layer(index)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

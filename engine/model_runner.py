@@ -6,6 +6,7 @@ can broadcast it to the other tensor-parallel ranks as is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,12 @@ class ModelRunner:
                                 options.kv_cache_dtype, self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: ModelInput) -> torch.Tensor:
-        """Logits ``[S, vocab]`` (float32) for the sequences with ``needs_logits``, in order."""
+    def execute(self, batch: ModelInput,
+                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Logits ``[S, vocab]`` (float32) for the sequences with ``needs_logits``, in order;
+        ``after_layer`` as in ``CausalLM.forward``."""
         input_ids, positions, meta, logit_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, after_layer)
         return self.model.compute_logits(hidden[logit_rows])
 
     def _prepare(self, batch: ModelInput):

@@ -1,0 +1,90 @@
+"""The wire format rules: what travels, where it lands, and which configurations are refused.
+
+``kv_transfer_dtype``:
+
+- ``fp8`` (default): ``float8_e4m3fn`` data with a float32 scale per token per head. The
+  scales travel with the data, so they are dynamic (computed per token, not calibrated).
+- ``auto``: the model dtype, lossless. Both pools must then be ``auto``.
+
+Where the bytes come from and land::
+
+    prefill pool   wire   decode pool    source          destination
+    fp8            fp8    fp8            pool            pool
+    fp8            fp8    auto           pool            staging, dequantized on arrival
+    auto           fp8    fp8            send buffer     pool
+    auto           fp8    auto           send buffer     staging, dequantized on arrival
+    auto           auto   auto           pool            pool
+    (anything else is refused)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+KV_TRANSFER_DTYPES = ("fp8", "auto")
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+class Source(Enum):
+    POOL = "pool"
+    SEND_BUFFER = "send_buffer"  # a pool in the model dtype quantized for an fp8 wire
+
+
+class Target(Enum):
+    POOL = "pool"
+    STAGING = "staging"  # an fp8 wire into a pool in the model dtype
+
+
+def check_wire(kv_transfer_dtype: str, prefill_kv_cache_dtype: str,
+               decode_kv_cache_dtype: str) -> None:
+    """Refuse a combination the table above does not list, naming the field."""
+    if kv_transfer_dtype not in KV_TRANSFER_DTYPES:
+        raise ValueError(f"kv_transfer_dtype must be one of {KV_TRANSFER_DTYPES}, "
+                         f"got {kv_transfer_dtype!r}")
+    for field, value in (("prefill kv_cache_dtype", prefill_kv_cache_dtype),
+                         ("decode kv_cache_dtype", decode_kv_cache_dtype)):
+        if value not in KV_CACHE_DTYPES:
+            raise ValueError(f"{field} must be one of {KV_CACHE_DTYPES}, got {value!r}")
+        if kv_transfer_dtype == "auto" and value != "auto":
+            raise ValueError(f"kv_transfer_dtype='auto' (lossless) needs both pools in the "
+                             f"model dtype, but {field}={value!r}: use kv_transfer_dtype='fp8'")
+
+
+def source_of(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> Source:
+    if kv_transfer_dtype == "fp8" and pool_kv_cache_dtype == "auto":
+        return Source.SEND_BUFFER
+    return Source.POOL
+
+
+def target_of(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> Target:
+    if kv_transfer_dtype == "fp8" and pool_kv_cache_dtype == "auto":
+        return Target.STAGING
+    return Target.POOL
+
+
+class SlotPool:
+    """Fixed slots of a staging area or send buffer, handed out lowest id first.
+
+    ``allocate`` returns ``None`` when short, like the block manager; the caller decides.
+    """
+
+    def __init__(self, num_slots: int):
+        if num_slots < 0:
+            raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # a stack: pop() gives the lowest
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int] | None:
+        if count > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, slots: list[int]) -> None:
+        for slot in reversed(slots):
+            if not 0 <= slot < self.num_slots or slot in self._free:
+                raise RuntimeError(f"slot {slot} freed twice or never allocated")
+            self._free.append(slot)
