@@ -19,6 +19,7 @@ Where the bytes come from and land::
 
 from __future__ import annotations
 
+import heapq
 from enum import Enum
 
 KV_TRANSFER_DTYPES = ("fp8", "auto")
@@ -72,7 +73,8 @@ class SlotPool:
         if num_slots < 0:
             raise ValueError(f"num_slots must be >= 0, got {num_slots}")
         self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # a stack: pop() gives the lowest
+        self._free = list(range(num_slots))  # a heap
+        self._is_free = [True] * num_slots
 
     @property
     def num_free(self) -> int:
@@ -81,10 +83,14 @@ class SlotPool:
     def allocate(self, count: int) -> list[int] | None:
         if count > len(self._free):
             return None
-        return [self._free.pop() for _ in range(count)]
+        slots = [heapq.heappop(self._free) for _ in range(count)]
+        for slot in slots:
+            self._is_free[slot] = False
+        return slots
 
     def free(self, slots: list[int]) -> None:
-        for slot in reversed(slots):
-            if not 0 <= slot < self.num_slots or slot in self._free:
+        for slot in slots:
+            if not 0 <= slot < self.num_slots or self._is_free[slot]:
                 raise RuntimeError(f"slot {slot} freed twice or never allocated")
-            self._free.append(slot)
+            self._is_free[slot] = True
+            heapq.heappush(self._free, slot)
