@@ -56,6 +56,15 @@ class Agent:
             return self._nixl.get_agent_metadata()
 
     @property
+    def nixl(self) -> Any:
+        """The underlying ``nixl_agent``: for benchmarks that compare against raw NIXL."""
+        return self._nixl
+
+    def dlist(self, key: int) -> Any:
+        """A prepared list's NIXL handle, by the key ``prepare`` returned."""
+        return self._dlists[key][1]
+
+    @property
     def num_live_handles(self) -> int:
         """Prepared lists plus transfers not yet released: zero after a clean shutdown."""
         return len(self._dlists) + len(self._transfers)

@@ -177,8 +177,14 @@ class KVProducer:
         self._close(request_id)
         self._commands.put(("cancel", request_id))
 
-    def poll(self) -> list[SendResult]:
+    def poll(self, timeout_s: float = 0.0) -> list[SendResult]:
+        """Sends that ended since the last call; waits up to ``timeout_s`` for the first."""
         results = []
+        if timeout_s > 0:
+            try:
+                results.append(self._results.get(timeout=timeout_s))
+            except queue.Empty:
+                return results
         while True:
             try:
                 results.append(self._results.get_nowait())
