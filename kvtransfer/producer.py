@@ -84,6 +84,9 @@ class KVProducer:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._sessions: dict[str, _Session] = {}  # progress thread only
+        # Ended sessions whose caller has not called finish/cancel yet: the compute thread
+        # may still quantize into their send-buffer slots, so those stay allocated.
+        self._unclosed: dict[str, list[int]] = {}  # progress thread only
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{agent_name}",
                                         daemon=True)
         self._thread.start()
@@ -119,11 +122,13 @@ class KVProducer:
                 peer.descriptors(entry.route.dst_local, entry.route.num_heads), peer.device_id)
         self._peers[peer.agent_name] = entry
 
-    def remove_peer(self, agent_name: str) -> None:
+    def remove_peer(self, agent_name: str, timeout_s: float = 60.0) -> None:
         """Forget a dead or restarted decode rank: its requests fail, its handles go."""
         done = threading.Event()
         self._commands.put(("remove", agent_name, done))
-        done.wait()
+        if not done.wait(timeout_s):
+            raise RuntimeError(f"the progress thread did not remove {agent_name} in "
+                               f"{timeout_s} s")
 
     # -- the compute thread's calls ---------------------------------------------------------
 
@@ -168,7 +173,9 @@ class KVProducer:
         self._commands.put(("post", request_id, layer, first_block, count, ready))
 
     def finish(self, request_id: str) -> None:
-        """Every layer is posted: the notice follows once every write has completed."""
+        """Every layer is posted: the notice follows once every write has completed.
+
+        Every ``begin`` ends with ``finish`` or ``cancel``, even after a failed result."""
         self._close(request_id)
         self._commands.put(("finish", request_id))
 
@@ -226,12 +233,22 @@ class KVProducer:
                 if command[0] == "stop":
                     self._stop()
                     return
-                self._handle(command)
+                self._guarded(self._handle, command)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
-            self._progress()
+            self._guarded(self._progress)
+
+    def _guarded(self, step, *args) -> None:
+        """A bug in one step must not kill the thread every transfer depends on: fail the
+        open sessions (their callers hear of it) and carry on."""
+        try:
+            step(*args)
+        except Exception:
+            logger.exception("KV send progress failed")
+            for session in self._sessions.values():
+                session.failure = session.failure or "internal error in the progress thread"
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]
@@ -245,6 +262,8 @@ class KVProducer:
             if session is not None:
                 session.is_finishing = True
                 session.is_cancelled = kind == "cancel"
+            elif command[1] in self._unclosed:
+                self._free_slots(self._unclosed.pop(command[1]))
         elif kind == "remove":
             self._remove_peer(command[1])
             command[2].set()
@@ -291,7 +310,7 @@ class KVProducer:
                 if not self.agent.release(transfer):
                     still.append(transfer)
             session.in_flight = still
-            if now > session.deadline and not session.failure and session.in_flight:
+            if now > session.deadline and not session.failure:
                 session.failure = "deadline passed"
                 session.in_flight = [t for t in still if not self.agent.release(t)]
             if session.in_flight or not (session.is_finishing or session.failure):
@@ -317,14 +336,20 @@ class KVProducer:
                 kind, reason = NoticeKind.FAILED, reason or str(error)
         elif kind is NoticeKind.DONE:
             kind, reason = NoticeKind.FAILED, f"peer {receiver} removed"
-        if self.region.slots is not None:
-            with self._slots_lock:
-                self.region.slots.free(session.wire_blocks)
+        if session.is_finishing:
+            self._free_slots(session.wire_blocks)
+        else:
+            self._unclosed[session.request_id] = session.wire_blocks
         if kind is not NoticeKind.DONE:
             logger.debug("request %s attempt %d: send ended: %s", session.request_id,
                          session.attempt, reason)
         self._results.put(SendResult(session.request_id, session.attempt,
                                      kind is NoticeKind.DONE, reason, session.num_bytes))
+
+    def _free_slots(self, wire_blocks: list[int]) -> None:
+        if self.region.slots is not None:
+            with self._slots_lock:
+                self.region.slots.free(wire_blocks)
 
     def _remove_peer(self, agent_name: str) -> None:
         for session in self._sessions.values():
@@ -339,4 +364,5 @@ class KVProducer:
         for session in list(self._sessions.values()):
             session.failure = session.failure or "producer closed"
             session.in_flight = [t for t in session.in_flight if not self.agent.release(t)]
+            session.is_finishing = True
             self._complete(session)
