@@ -211,6 +211,23 @@ def begin_and_send(state, request_id: str, agents: list[str], dst_blocks: list[i
         producer.finish(request_id)
 
 
+def begin_only(state, request_id: str, agents: list[str], dst_blocks: list[int],
+               src_blocks: list[int], timeout_s: float) -> None:
+    from kvtransfer.endpoint import Destination
+
+    for producer in state["producers"]:
+        assert producer.begin(request_id, 0, Destination(tuple(agents), tuple(dst_blocks)),
+                              src_blocks, timeout_s)
+
+
+def close_send(state, request_id: str) -> None:
+    """``finish`` on every producer, then wait until its send-buffer slots are back."""
+    for producer in state["producers"]:
+        producer.finish(request_id)
+        wait_for(lambda p=producer: p.num_free_send_blocks == p.region.slots.num_slots,
+                 "the send buffer to be free")
+
+
 def finish(state, request_id: str, materialize: bool) -> None:
     for consumer in state["consumers"]:
         consumer.finish(request_id, materialize)
@@ -254,4 +271,4 @@ def counts(state) -> dict[str, list]:
 _FUNCTIONS = {f.__name__: f for f in (
     setup_decode, setup_prefill, add_peers, remove_peer, expect, prefill_and_send,
     wait_events, send_results, begin_and_send, finish, pools, counts, reset,
-    stale_notices, computed_kv)}
+    stale_notices, computed_kv, begin_only, close_send)}

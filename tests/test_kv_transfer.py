@@ -181,3 +181,26 @@ def test_prefill_peer_that_died_is_released_only_once_removed(hosts, tiny_llama_
         _assert_nothing_held(decode, [0])
     finally:
         victim.close()
+
+
+def test_send_past_its_deadline_fails_but_keeps_its_buffer_until_closed(hosts, tiny_llama_dir):
+    """The compute thread may still quantize into a failed send's slots until it calls
+    finish, so they must not go to another request before that."""
+    sources, sinks = _connect(hosts, tiny_llama_dir, "auto", "auto", "fp8")
+    prefill, decode = hosts
+    prefill.call("begin_only", "late", sinks, DST_BLOCKS, SRC_BLOCKS, 0.0)
+    (result,) = prefill.call("send_results")
+    assert result[:4] == ("late", 0, False, "deadline passed")
+    assert prefill.call("counts")["free_send"] == [8 - len(SRC_BLOCKS)]
+    prefill.call("close_send", "late")
+    _assert_nothing_held(prefill, [2])
+    # The decode side hears of it through the FAILED notice: failed, then released.
+    decode.call("expect", "late2", 0, DST_BLOCKS, sources, TIMEOUT_S)
+    prefill.call("begin_only", "late2", sinks, DST_BLOCKS, SRC_BLOCKS, 0.0)
+    assert prefill.call("send_results")[0][:3] == ("late2", 0, False)
+    assert decode.call("wait_events", 2) == [
+        ("late2", 0, "failed", f"sender {sources[0]}: failed"),
+        ("late2", 0, "released", f"sender {sources[0]}: failed")]
+    prefill.call("close_send", "late2")
+    decode.call("finish", "late2", False)
+    _assert_nothing_held(decode, [0])
