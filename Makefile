@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench clean
+.PHONY: install test lint serve bench bench-kvtransfer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ serve: install
 
 bench: install
 	$(BIN)/python scripts/bench_engine.py
+
+bench-kvtransfer: install
+	$(BIN)/python scripts/bench_kvtransfer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
