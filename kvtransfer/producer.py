@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # often only to enforce deadlines.
 _BUSY_POLL_S = 0.0002
 _IDLE_POLL_S = 0.05
+_QUANTIZE_BLOCKS = 8
 
 
 class SendResult(NamedTuple):
@@ -212,13 +213,18 @@ class KVProducer:
         self._open_sources.pop(request_id, None)
 
     def _quantize(self, layer: int, pool_blocks: list[int], slots: list[int]) -> None:
-        index = torch.tensor(pool_blocks, device=self.kv_cache.data.device)
-        target = torch.tensor(slots, device=self.kv_cache.data.device)
-        # [2, n, heads, block_size, head_dim] -> fp8 and [2, n, heads, block_size] scales
-        q, scale = quantize_fp8(self.kv_cache.data[layer].index_select(1, index))
-        # (index_copy_ has no fp8 kernel on CPU; the bytes are what matter)
-        self.region.data[layer].view(torch.uint8).index_copy_(1, target, q.view(torch.uint8))
-        self.region.scales[layer].index_copy_(1, target, scale)
+        device = self.kv_cache.data.device
+        # A few blocks at a time: the temporaries stay small and cache-resident (whole-layer
+        # temporaries of megabytes cost more in page faults than in arithmetic on CPU).
+        for start in range(0, len(pool_blocks), _QUANTIZE_BLOCKS):
+            index = torch.tensor(pool_blocks[start:start + _QUANTIZE_BLOCKS], device=device)
+            target = torch.tensor(slots[start:start + _QUANTIZE_BLOCKS], device=device)
+            # [2, n, heads, block_size, head_dim] -> fp8 and [2, n, heads, block_size] scales
+            q, scale = quantize_fp8(self.kv_cache.data[layer].index_select(1, index))
+            # (index_copy_ has no fp8 kernel on CPU; the bytes are what matter)
+            self.region.data[layer].view(torch.uint8).index_copy_(1, target,
+                                                                  q.view(torch.uint8))
+            self.region.scales[layer].index_copy_(1, target, scale)
 
     # -- the progress thread ----------------------------------------------------------------
 
