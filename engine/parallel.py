@@ -39,10 +39,16 @@ def check_head_split(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
 
 def local_kv_heads(num_kv_heads: int, tp: TensorParallel) -> tuple[int, int]:
     """(first KV head, number of KV heads) held by this rank; replicas when heads < ranks."""
-    if num_kv_heads >= tp.size:
-        count = num_kv_heads // tp.size
-        return tp.rank * count, count
-    return tp.rank * num_kv_heads // tp.size, 1
+    return kv_head_range(num_kv_heads, tp.rank, tp.size)
+
+
+def kv_head_range(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """``local_kv_heads`` of any rank of any group size (the KV layout maps need both
+    sides' ranks)."""
+    if num_kv_heads >= tp_size:
+        count = num_kv_heads // tp_size
+        return tp_rank * count, count
+    return tp_rank * num_kv_heads // tp_size, 1
 
 
 class ColumnParallelLinear(nn.Module):

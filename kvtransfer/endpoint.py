@@ -46,7 +46,7 @@ class Endpoint:
         return cls(**fields)
 
     def descriptors(self, first_head: int, num_heads: int) -> np.ndarray:
-        """``[N, 2]`` (address, length) for ``layout.descriptor_table``'s entries."""
+        """``[N, 2]`` (address, length) for ``layout.descriptor_array``'s entries."""
         table = descriptor_array(self.geometry, first_head, num_heads)
         bases = np.where(table[:, 0] == DATA, self.data_address, self.scales_address)
         return np.stack([bases + table[:, 1], table[:, 2]], axis=1)

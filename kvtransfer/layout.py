@@ -8,7 +8,7 @@ and, on an fp8 wire, ``[num_blocks, num_kv_heads_local, block_size]`` float32 sc
     scales [layer][K|V][block][head][token]
 
 KV heads split evenly across tensor-parallel ranks, or are replicated when there are fewer
-heads than ranks (``engine.parallel.local_kv_heads``). A *route* says which contiguous head
+heads than ranks (``engine.parallel.kv_head_range``). A *route* says which contiguous head
 range a source rank writes into a destination rank; every head a destination rank holds
 comes from exactly one source rank (when the source replicates a head, the destination's
 rank number picks the replica, so replicas share the load).
@@ -25,19 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engine.parallel import kv_head_range
+
 SCALE_BYTES = 4  # float32 scale per token per head on an fp8 wire
 DATA, SCALES = 0, 1  # the two tensors of a region
-
-
-def local_kv_heads(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
-    """(first KV head, number of KV heads) a rank holds; one replica when heads < ranks.
-
-    Mirrors ``engine.parallel.local_kv_heads`` without importing torch.
-    """
-    if num_kv_heads >= tp_size:
-        count = num_kv_heads // tp_size
-        return tp_rank * count, count
-    return tp_rank * num_kv_heads // tp_size, 1
 
 
 def check_tp(num_kv_heads: int, tp_size: int, field: str) -> None:
@@ -105,12 +96,12 @@ def head_routes(num_kv_heads: int, src_tp: int, dst_tp: int) -> list[HeadRoute]:
     check_tp(num_kv_heads, dst_tp, "destination tensor_parallel_size")
     routes = []
     for dst_rank in range(dst_tp):
-        dst_first, dst_count = local_kv_heads(num_kv_heads, dst_rank, dst_tp)
+        dst_first, dst_count = kv_head_range(num_kv_heads, dst_rank, dst_tp)
         by_source: dict[int, list[int]] = {}
         for head in range(dst_first, dst_first + dst_count):
             by_source.setdefault(_source_of(head, num_kv_heads, src_tp, dst_rank), []).append(head)
         for src_rank, heads in sorted(by_source.items()):
-            src_first, _ = local_kv_heads(num_kv_heads, src_rank, src_tp)
+            src_first, _ = kv_head_range(num_kv_heads, src_rank, src_tp)
             routes.append(HeadRoute(src_rank, dst_rank, heads[0], len(heads),
                                     heads[0] - src_first, heads[0] - dst_first))
     return routes
@@ -139,36 +130,10 @@ def writes_into(routes: list[HeadRoute], dst_rank: int) -> list[HeadRoute]:
     return [r for r in routes if r.dst_rank == dst_rank]
 
 
-class Descriptor(NamedTuple):
-    """One contiguous byte range inside one tensor of a region."""
-
-    tensor: int  # DATA or SCALES
-    offset: int
-    num_bytes: int
-
-
 def descriptor_index(geometry: RegionGeometry, tensor: int, layer: int, kv: int,
                      block: int) -> int:
-    """Position of (tensor, layer, K|V, block) in ``descriptor_table``."""
+    """Position of (tensor, layer, K|V, block) in ``descriptor_array``."""
     return ((tensor * geometry.num_layers + layer) * 2 + kv) * geometry.num_blocks + block
-
-
-def descriptor_table(geometry: RegionGeometry, first_head: int,
-                     num_heads: int) -> list[Descriptor]:
-    """One descriptor per (tensor, layer, K|V, block): ``num_heads`` local heads from
-    ``first_head``. Built once per peer and indexed with ``layer_indices``."""
-    if first_head < 0 or first_head + num_heads > geometry.num_kv_heads:
-        raise ValueError(f"heads [{first_head}, {first_head + num_heads}) outside the "
-                         f"region's {geometry.num_kv_heads} heads")
-    table = []
-    for tensor in range(geometry.num_tensors):
-        length = num_heads * geometry.head_bytes[tensor]
-        for layer in range(geometry.num_layers):
-            for kv in range(2):
-                for block in range(geometry.num_blocks):
-                    offset = geometry.offset(tensor, layer, kv, block, first_head)
-                    table.append(Descriptor(tensor, offset, length))
-    return table
 
 
 def layer_indices(geometry: RegionGeometry, layer: int, blocks: list[int]) -> list[int]:
@@ -199,10 +164,10 @@ def layer_segments(route: HeadRoute, src: RegionGeometry, dst: RegionGeometry, l
     if src.has_scales != dst.has_scales or src.head_bytes != dst.head_bytes:
         raise ValueError(f"source region {src} and destination region {dst} differ in wire "
                          "layout")
-    src_table = descriptor_table(src, route.src_local, route.num_heads)
-    dst_table = descriptor_table(dst, route.dst_local, route.num_heads)
-    pieces = [Segment(src_table[s].tensor, src_table[s].offset, dst_table[d].offset,
-                      src_table[s].num_bytes)
+    src_table = descriptor_array(src, route.src_local, route.num_heads)
+    dst_table = descriptor_array(dst, route.dst_local, route.num_heads)
+    pieces = [Segment(int(src_table[s, 0]), int(src_table[s, 1]), int(dst_table[d, 1]),
+                      int(src_table[s, 2]))
               for s, d in zip(layer_indices(src, layer, src_blocks),
                               layer_indices(dst, layer, dst_blocks), strict=True)]
     return coalesce(pieces)
@@ -224,8 +189,10 @@ def coalesce(pieces: list[Segment]) -> list[Segment]:
 
 def descriptor_array(geometry: RegionGeometry, first_head: int,
                      num_heads: int) -> np.ndarray:
-    """``descriptor_table`` as an ``[N, 3]`` int64 array (tensor, offset, num_bytes), built
-    without a Python loop: a large pool has millions of descriptors."""
+    """One descriptor per (tensor, layer, K|V, block), ``num_heads`` local heads from
+    ``first_head``, as an ``[N, 3]`` int64 array (tensor, offset, num_bytes): built once
+    per peer, indexed with ``layer_indices``, without a Python loop (a large pool has
+    millions of descriptors)."""
     if first_head < 0 or first_head + num_heads > geometry.num_kv_heads:
         raise ValueError(f"heads [{first_head}, {first_head + num_heads}) outside the "
                          f"region's {geometry.num_kv_heads} heads")

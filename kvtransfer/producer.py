@@ -79,8 +79,8 @@ class KVProducer:
             tensors += [self.region.data, self.region.scales]
         self.agent = Agent(agent_name, [t for t in tensors if t is not None])
         self._peers: dict[str, _Peer] = {}
-        self._open: dict[str, list[int]] = {}  # compute thread: request -> wire blocks
-        self._open_sources: dict[str, list[int]] = {}  # compute thread: request -> pool blocks
+        # compute thread: request -> (pool blocks, wire blocks: the same or send-buffer slots)
+        self._open: dict[str, tuple[list[int], list[int]]] = {}
         self._slots_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
@@ -151,8 +151,7 @@ class KVProducer:
             if slots is None:
                 return False
             wire_blocks = slots
-        self._open[request_id] = wire_blocks
-        self._open_sources[request_id] = list(src_blocks)
+        self._open[request_id] = (list(src_blocks), wire_blocks)
         session = _Session(request_id, attempt, destination, wire_blocks,
                            time.monotonic() + timeout_s)
         self._commands.put(("begin", session))
@@ -162,10 +161,10 @@ class KVProducer:
                    num_blocks: int | None = None) -> None:
         """Post ``layer``'s KV of blocks ``[first_block, first_block + num_blocks)`` of the
         request (all by default). Call once the layer's KV is in the pool; returns at once."""
-        wire_blocks = self._open[request_id]
+        pool_blocks, wire_blocks = self._open[request_id]
         count = len(wire_blocks) - first_block if num_blocks is None else num_blocks
         if not self.region.is_pool:
-            self._quantize(layer, self._open_sources[request_id][first_block:first_block + count],
+            self._quantize(layer, pool_blocks[first_block:first_block + count],
                            wire_blocks[first_block:first_block + count])
         ready = None
         if self.kv_cache.data.is_cuda:
@@ -210,7 +209,6 @@ class KVProducer:
 
     def _close(self, request_id: str) -> None:
         self._open.pop(request_id, None)
-        self._open_sources.pop(request_id, None)
 
     def _quantize(self, layer: int, pool_blocks: list[int], slots: list[int]) -> None:
         device = self.kv_cache.data.device

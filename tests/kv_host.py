@@ -87,12 +87,12 @@ def setup_decode(state, model_dir: str, kv_cache_dtype: str, wire: str, tp_size:
                  num_blocks: int, staging_blocks: int, name: str) -> list[dict]:
     """Bare pools for a decode TP group, one consumer each."""
     from engine.config import ModelConfig
+    from engine.parallel import kv_head_range
     from kvtransfer.consumer import KVConsumer
-    from kvtransfer.layout import local_kv_heads
 
     config = ModelConfig.from_dir(model_dir)
     for rank in range(tp_size):
-        _, heads = local_kv_heads(config.num_kv_heads, rank, tp_size)
+        _, heads = kv_head_range(config.num_kv_heads, rank, tp_size)
         state["consumers"].append(KVConsumer(
             _pool(config, num_blocks, heads, kv_cache_dtype), agent_name=f"{name}-{rank}",
             tp_rank=rank, tp_size=tp_size, num_kv_heads=config.num_kv_heads,
@@ -105,8 +105,7 @@ def setup_prefill(state, model_dir: str, kv_cache_dtype: str, wire: str, tp_size
     """A TP1 model runner; with ``tp_size`` > 1, a pool per source rank beside it."""
     from engine.config import ModelConfig
     from engine.model_runner import ModelRunner, RunnerOptions
-    from engine.parallel import TensorParallel
-    from kvtransfer.layout import local_kv_heads
+    from engine.parallel import TensorParallel, kv_head_range
     from kvtransfer.producer import KVProducer
 
     config = ModelConfig.from_dir(model_dir)
@@ -114,7 +113,7 @@ def setup_prefill(state, model_dir: str, kv_cache_dtype: str, wire: str, tp_size
     state["runner"] = ModelRunner(RunnerOptions(model_dir, config, "float32", "cpu", num_blocks,
                                                 16, kv_cache_dtype, 512), TensorParallel())
     for rank in range(tp_size):
-        _, heads = local_kv_heads(config.num_kv_heads, rank, tp_size)
+        _, heads = kv_head_range(config.num_kv_heads, rank, tp_size)
         pool = (state["runner"].kv_cache if tp_size == 1
                 else _pool(config, num_blocks, heads, kv_cache_dtype))
         state["producers"].append(KVProducer(
@@ -171,11 +170,11 @@ def prefill_and_send(state, request_id: str, attempt: int, token_ids: list[int],
 
 def _copy_heads(state, blocks: list[int]) -> None:
     """Give each source rank its heads of the TP1 runner's KV."""
-    from kvtransfer.layout import local_kv_heads
+    from engine.parallel import kv_head_range
 
     full = state["runner"].kv_cache
     for producer in state["producers"]:
-        first, count = local_kv_heads(state["config"].num_kv_heads, producer.tp_rank,
+        first, count = kv_head_range(state["config"].num_kv_heads, producer.tp_rank,
                                       producer.tp_size)
         pool = producer.kv_cache
         pool.data[:, :, blocks] = full.data[:, :, blocks, first:first + count]

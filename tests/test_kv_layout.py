@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.parallel import kv_head_range
 from kvtransfer.layout import (
     DATA,
     SCALES,
@@ -16,12 +17,9 @@ from kvtransfer.layout import (
     RegionGeometry,
     Segment,
     coalesce,
-    descriptor_array,
-    descriptor_table,
     head_routes,
     layer_indices,
     layer_segments,
-    local_kv_heads,
     routes_from,
     senders,
     writes_into,
@@ -90,8 +88,8 @@ def test_segments_match_reference(h: int, src_tp: int, dst_tp: int, scales: bool
                                   element_size: int) -> None:
     routes = head_routes(h, src_tp, dst_tp)
     data, scale = full_kv(h, element_size)
-    src_heads = [local_kv_heads(h, r, src_tp) for r in range(src_tp)]
-    dst_heads = [local_kv_heads(h, r, dst_tp) for r in range(dst_tp)]
+    src_heads = [kv_head_range(h, r, src_tp) for r in range(src_tp)]
+    dst_heads = [kv_head_range(h, r, dst_tp) for r in range(dst_tp)]
     src_pools = [(data[:, :, :, f:f + n].contiguous(), scale[:, :, :, f:f + n].contiguous())
                  for f, n in src_heads]
     src_geo = [geometry(SRC_NB, n, element_size, scales) for _, n in src_heads]
@@ -154,8 +152,8 @@ def segment_bytes(blocks: int, heads: int, element_size: int, scales: bool) -> i
 def one_route_segments(h: int, src_tp: int, dst_tp: int, scales: bool, src_blocks: list[int],
                        dst_blocks: list[int], layer: int = 1) -> tuple[HeadRoute, list[Segment]]:
     route = head_routes(h, src_tp, dst_tp)[0]
-    src = geometry(SRC_NB, local_kv_heads(h, route.src_rank, src_tp)[1], 4, scales)
-    dst = geometry(DST_NB, local_kv_heads(h, route.dst_rank, dst_tp)[1], 4, scales)
+    src = geometry(SRC_NB, kv_head_range(h, route.src_rank, src_tp)[1], 4, scales)
+    dst = geometry(DST_NB, kv_head_range(h, route.dst_rank, dst_tp)[1], 4, scales)
     return route, layer_segments(route, src, dst, layer, src_blocks, dst_blocks)
 
 
@@ -261,10 +259,3 @@ def test_layer_out_of_range_is_refused() -> None:
     for layer in (2, -1):
         with pytest.raises(ValueError, match="layer"):
             layer_indices(geometry, layer, [0])
-
-
-def test_descriptor_array_matches_table() -> None:
-    geometry = RegionGeometry(3, 5, 4, 2, 3, 1, True)
-    array = descriptor_array(geometry, 1, 2)
-    assert [tuple(row) for row in array.tolist()] == [
-        tuple(d) for d in descriptor_table(geometry, 1, 2)]

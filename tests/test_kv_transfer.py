@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from kvtransfer.layout import local_kv_heads
+from engine.parallel import kv_head_range
 from tests.kv_host import Host
 
 TIMEOUT_S = 60.0
@@ -124,7 +124,7 @@ def test_tensor_parallel_layouts_give_the_tp1_kv(hosts, tiny_llama_dir, src_tp, 
     # What TP1 -> TP1 delivers: the computed KV itself (test_auto_wire_lands_bit_exact).
     reference = hosts[0].call("computed_kv")[:, :, SRC_BLOCKS]
     for rank, (data, _) in enumerate(hosts[1].call("pools", "consumers")):
-        first, count = local_kv_heads(2, rank, dst_tp)
+        first, count = kv_head_range(2, rank, dst_tp)
         assert torch.equal(data[:, :, DST_BLOCKS], reference[:, :, :, first:first + count])
 
 

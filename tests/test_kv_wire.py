@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from engine.kv_cache import KVCache
-from engine.parallel import TensorParallel
-from engine.parallel import local_kv_heads as engine_local_kv_heads
 from kvtransfer.endpoint import Endpoint, Notice, NoticeKind, WireRegion
-from kvtransfer.layout import RegionGeometry, local_kv_heads
+from kvtransfer.layout import RegionGeometry
 from kvtransfer.wire import SlotPool, Source, Target, check_wire, source_of, target_of
 
 
@@ -90,10 +88,3 @@ def test_notice_roundtrip_and_version():
     assert Notice.decode(notice.encode()) == notice
     with pytest.raises(ValueError, match="version"):
         Notice.decode(msgpack.packb([99, "done", "r", 0, 0, 0]))
-
-
-@pytest.mark.parametrize("heads,tp", [(4, 1), (4, 2), (4, 4), (2, 4), (1, 8)])
-def test_layout_heads_match_the_engine(heads, tp):
-    for rank in range(tp):
-        assert local_kv_heads(heads, rank, tp) == engine_local_kv_heads(
-            heads, TensorParallel(rank, tp))
