@@ -63,10 +63,7 @@ class KVConsumer:
         self.kv_cache = kv_cache
         self.tp_rank, self.tp_size, self.num_kv_heads = tp_rank, tp_size, num_kv_heads
         self.region = WireRegion(kv_cache, kv_transfer_dtype, staging_blocks)
-        tensors = [kv_cache.data, kv_cache.scales]
-        if not self.region.is_pool:
-            tensors += [self.region.data, self.region.scales]
-        self.agent = Agent(agent_name, [t for t in tensors if t is not None])
+        self.agent = Agent(agent_name, self.region.registered_tensors(kv_cache))
         self._expected: dict[str, _Expected] = {}
         self.num_stale_notices = 0
 

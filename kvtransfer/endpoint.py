@@ -112,7 +112,14 @@ class WireRegion:
 
     @property
     def device_id(self) -> int:
-        return self.data.device.index or 0 if self.data.is_cuda else 0
+        return (self.data.device.index or 0) if self.data.is_cuda else 0
+
+    def registered_tensors(self, kv_cache: KVCache) -> list[torch.Tensor]:
+        """What a rank registers with NIXL once: its whole pool, and this area if separate."""
+        tensors = [kv_cache.data, kv_cache.scales]
+        if not self.is_pool:
+            tensors += [self.data, self.scales]
+        return [t for t in tensors if t is not None]
 
     def endpoint(self, agent_name: str, metadata: bytes, tp_rank: int, tp_size: int,
                  num_kv_heads: int) -> Endpoint:

@@ -74,10 +74,7 @@ class KVProducer:
         self.kv_cache = kv_cache
         self.tp_rank, self.tp_size, self.num_kv_heads = tp_rank, tp_size, num_kv_heads
         self.region = WireRegion(kv_cache, kv_transfer_dtype, send_buffer_blocks)
-        tensors = [kv_cache.data, kv_cache.scales]
-        if not self.region.is_pool:
-            tensors += [self.region.data, self.region.scales]
-        self.agent = Agent(agent_name, [t for t in tensors if t is not None])
+        self.agent = Agent(agent_name, self.region.registered_tensors(kv_cache))
         self._peers: dict[str, _Peer] = {}
         # compute thread: request -> (pool blocks, wire blocks: the same or send-buffer slots)
         self._open: dict[str, tuple[list[int], list[int]]] = {}
