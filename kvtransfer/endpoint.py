@@ -17,7 +17,7 @@ import torch
 
 from engine.kv_cache import FP8_DTYPE, KVCache
 from kvtransfer.layout import DATA, RegionGeometry, descriptor_array
-from kvtransfer.wire import SlotPool
+from kvtransfer.wire import SlotPool, Source, source_of
 
 NOTICE_VERSION = 1
 
@@ -91,7 +91,8 @@ class WireRegion:
     wire with a pool in the model dtype) a registered fp8 area of ``num_slots`` blocks."""
 
     def __init__(self, kv_cache: KVCache, kv_transfer_dtype: str, num_slots: int):
-        self.is_pool = kv_transfer_dtype == "auto" or kv_cache.is_fp8
+        pool_dtype = "fp8" if kv_cache.is_fp8 else "auto"
+        self.is_pool = source_of(kv_transfer_dtype, pool_dtype) is Source.POOL
         if kv_transfer_dtype == "auto" and kv_cache.is_fp8:
             raise ValueError("kv_transfer_dtype='auto' needs kv_cache_dtype='auto' on both "
                              "sides, this pool is fp8: use kv_transfer_dtype='fp8'")

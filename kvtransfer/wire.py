@@ -52,6 +52,8 @@ def check_wire(kv_transfer_dtype: str, prefill_kv_cache_dtype: str,
 
 
 def source_of(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> Source:
+    """Where a rank's wire bytes live; a destination's landing area follows the same rule
+    (``target_of``), so ``WireRegion`` asks this one."""
     if kv_transfer_dtype == "fp8" and pool_kv_cache_dtype == "auto":
         return Source.SEND_BUFFER
     return Source.POOL
