@@ -154,6 +154,14 @@ class BlockManager:
                 self._events.append(KVEvent("stored", table.last_hash))
         table.num_hashed_blocks = max(table.num_hashed_blocks, num_full)
 
+    def rename(self, request_id: str, new_id: str) -> None:
+        """Hand a request's blocks to another owner id (which must be unused)."""
+        if new_id in self._tables:
+            raise ValueError(f"{new_id!r} already owns blocks")
+        table = self._tables.pop(request_id, None)
+        if table is not None:
+            self._tables[new_id] = table
+
     def free(self, request_id: str) -> None:
         """Release the request's blocks. Tail blocks go first into the free queue, so a
         shared prefix outlives the request-specific suffix."""

@@ -32,6 +32,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     num_cached_tokens: int
+    num_prompt_tokens_computed: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
     text: str = ""
 
@@ -94,23 +95,34 @@ def plan_pool(model: ModelConfig, config: EngineConfig, device: str,
     return num_blocks, max_model_len
 
 
+def plan_runner(model_dir: str | Path, config: EngineConfig) -> RunnerOptions:
+    """Every rank's model and pool options: the device, dtype and pool size resolved once
+    (on the driver), so all ranks of a group build the same pool."""
+    model = ModelConfig.from_dir(model_dir)
+    check_head_split(model.num_heads, model.num_kv_heads, config.tensor_parallel_size)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    num_blocks, max_model_len = plan_pool(model, config, device, dtype)
+    return RunnerOptions(str(model_dir), model, dtype, device, num_blocks, config.block_size,
+                         config.kv_cache_dtype, max_model_len)
+
+
 class LLMEngine:
     """One engine: a scheduler and block manager on rank 0 driving every TP rank's model."""
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig):
+    def __init__(self, model_dir: str | Path, config: EngineConfig, executor=None):
+        """``executor`` (anything with ``execute(batch) -> logits`` and ``shutdown()``)
+        replaces the engine's own; a serving worker passes its rank group's."""
         self.model_dir = str(model_dir)
         self.config = config
-        self.model_config = ModelConfig.from_dir(model_dir)
-        check_head_split(self.model_config.num_heads, self.model_config.num_kv_heads,
-                         config.tensor_parallel_size)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        self.num_blocks, self.max_model_len = plan_pool(self.model_config, config, device, dtype)
-        options = RunnerOptions(self.model_dir, self.model_config, dtype, device,
-                                self.num_blocks, config.block_size, config.kv_cache_dtype,
-                                self.max_model_len)
+        options = plan_runner(model_dir, config)
+        self.model_config = options.model
+        self.num_blocks, self.max_model_len = options.num_blocks, options.max_model_len
+        device = options.device
         threads = config.num_threads or default_num_threads(device)
-        if config.tensor_parallel_size == 1:
+        if executor is not None:
+            self.executor = executor
+        elif config.tensor_parallel_size == 1:
             self.executor = LocalExecutor(options, threads)
         else:
             self.executor = MultiprocessExecutor(options, config.tensor_parallel_size, threads)
@@ -188,7 +200,8 @@ class LLMEngine:
         return RequestOutput(
             request.request_id, request.prompt_token_ids, [sampled[request.request_id]],
             list(request.output_token_ids), is_finished, request.finish_reason,
-            request.num_cached_tokens, request.output_logits)
+            request.num_cached_tokens, request.num_prompt_tokens_computed,
+            request.output_logits)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -51,6 +51,11 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Prompt tokens this engine computed (not cached, not received from a prefill worker).
+    num_prompt_tokens_computed: int = 0
+    # False once KV arrived lossy (fp8 wire into a model-dtype pool): its blocks, and every
+    # later block that attended to them, stay out of the prefix cache.
+    is_cacheable: bool = True
     output_logits: list = field(default_factory=list)
     # Prompt then output, kept whole so the per-step paths slice it instead of concatenating.
     all_token_ids: list[int] = field(init=False)

@@ -145,8 +145,11 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens = item.start + item.num_new_tokens
-            self.block_manager.cache_full_blocks(
-                request.request_id, request.all_token_ids, request.num_computed_tokens)
+            request.num_prompt_tokens_computed += max(
+                0, min(request.num_computed_tokens, len(request.prompt_token_ids)) - item.start)
+            if request.is_cacheable:
+                self.block_manager.cache_full_blocks(
+                    request.request_id, request.all_token_ids, request.num_computed_tokens)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
@@ -188,3 +191,14 @@ class Scheduler:
         request.num_computed_tokens = request.num_tokens - 1
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+
+    def take_back_remote(self, request_id: str, keep_blocks_as: str) -> Request:
+        """The remote prefill failed or was cancelled: the request goes back to the front of
+        the queue to prefill here, into fresh blocks. Its old blocks move to the table
+        ``keep_blocks_as`` and stay allocated until no late write can land in them."""
+        request = self.waiting_for_remote_kv.pop(request_id)
+        self.block_manager.rename(request_id, keep_blocks_as)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+        return request

@@ -115,6 +115,13 @@ class KVConsumer:
         expected.failure = expected.failure or "cancelled"
         expected.is_reported = True  # the caller knows; only RELEASED is still to come
 
+    def release(self, request_id: str) -> None:
+        """The senders confirmed out of band that they never wrote (the job was dropped
+        before it started): nothing more will come for this attempt."""
+        expected = self._expected[request_id]
+        expected.pending.clear()
+        expected.failure = expected.failure or "never sent"
+
     def poll(self) -> list[TransferEvent]:
         """Read notices, apply deadlines; what changed since the last poll (rank 0 only)."""
         for sender, message in self.agent.notices():

@@ -181,6 +181,12 @@ class KVProducer:
         self._close(request_id)
         self._commands.put(("cancel", request_id))
 
+    def withdraw(self, request_id: str) -> None:
+        """Undo a ``begin`` before any ``send_layer``: no write, no notice, no result (a
+        tensor-parallel group withdraws when another rank's send buffer was short)."""
+        self._close(request_id)
+        self._commands.put(("withdraw", request_id))
+
     def poll(self, timeout_s: float = 0.0) -> list[SendResult]:
         """Sends that ended since the last call; waits up to ``timeout_s`` for the first."""
         results = []
@@ -265,6 +271,12 @@ class KVProducer:
                 session.is_cancelled = kind == "cancel"
             elif command[1] in self._unclosed:
                 self._free_slots(self._unclosed.pop(command[1]))
+        elif kind == "withdraw":
+            session = self._sessions.pop(command[1], None)
+            if session is not None:
+                if session.in_flight:
+                    raise RuntimeError(f"request {command[1]!r} withdrawn after a send_layer")
+                self._free_slots(session.wire_blocks)
         elif kind == "remove":
             self._remove_peer(command[1])
             command[2].set()

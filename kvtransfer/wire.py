@@ -22,8 +22,10 @@ from __future__ import annotations
 import heapq
 from enum import Enum
 
-KV_TRANSFER_DTYPES = ("fp8", "auto")
-KV_CACHE_DTYPES = ("auto", "fp8")
+# The rule lives with the cluster config, which the light base validates without torch.
+from pdserve.config import KV_CACHE_DTYPES as KV_CACHE_DTYPES
+from pdserve.config import KV_TRANSFER_DTYPES as KV_TRANSFER_DTYPES
+from pdserve.config import check_wire as check_wire
 
 
 class Source(Enum):
@@ -34,21 +36,6 @@ class Source(Enum):
 class Target(Enum):
     POOL = "pool"
     STAGING = "staging"  # an fp8 wire into a pool in the model dtype
-
-
-def check_wire(kv_transfer_dtype: str, prefill_kv_cache_dtype: str,
-               decode_kv_cache_dtype: str) -> None:
-    """Refuse a combination the table above does not list, naming the field."""
-    if kv_transfer_dtype not in KV_TRANSFER_DTYPES:
-        raise ValueError(f"kv_transfer_dtype must be one of {KV_TRANSFER_DTYPES}, "
-                         f"got {kv_transfer_dtype!r}")
-    for field, value in (("prefill kv_cache_dtype", prefill_kv_cache_dtype),
-                         ("decode kv_cache_dtype", decode_kv_cache_dtype)):
-        if value not in KV_CACHE_DTYPES:
-            raise ValueError(f"{field} must be one of {KV_CACHE_DTYPES}, got {value!r}")
-        if kv_transfer_dtype == "auto" and value != "auto":
-            raise ValueError(f"kv_transfer_dtype='auto' (lossless) needs both pools in the "
-                             f"model dtype, but {field}={value!r}: use kv_transfer_dtype='fp8'")
 
 
 def source_of(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> Source:

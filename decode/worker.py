@@ -1,0 +1,422 @@
+"""The decode worker: owns requests, decides where each prefill runs, decodes them all.
+
+Rank 0 runs this. Its engine loop runs in its own thread; the request plane (a uvloop
+thread) only queues what arrives into the loop's inbox, and the loop sends token chunks
+back. A request's life on the remote path (DESIGN.md steps 3-6)::
+
+    Generate -> match prefix -> decide -> REMOTE: blocks for the uncached part, expect,
+    PrefillJob -> WAITING_FOR_REMOTE_KV (never scheduled, never preempted)
+        LANDED   -> finish (dequantize staging) -> run the last prompt token, sample here
+        FAILED / deadline / prefill gone / cancel
+                 -> CancelJob; the blocks move to a stale owner; prefill again locally into
+                    fresh blocks (or finish, when the client cancelled)
+        RELEASED -> no write can land any more: free the stale blocks
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from decode.decision import DecisionPolicy, Where
+from decode.rank import DecodeRank
+from engine.engine import LLMEngine
+from engine.rank_group import RankGroup
+from engine.request import Request
+from kvtransfer.consumer import EventKind
+from pdserve import protocol
+from pdserve.protocol import Fingerprint
+from pdserve.sampling import SamplingParams
+from pdserve.transport import Connection, EventLoopThread, open_connection, serve
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.1  # nothing to do: wake only to notice a stop
+_TRANSFER_WAIT_S = 0.0005  # waiting on KV notices, which arrive without a wake-up
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    worker_id: str
+    disagg_mode: str
+    max_local_prefill_tokens: int
+    max_prefill_queue: int
+    max_remote_reserved_blocks: int | None
+    remote_prefill_timeout_s: float
+    is_lossy_wire: bool  # fp8 wire into a model-dtype pool: landed blocks are not cached
+
+
+@dataclass(slots=True)
+class PrefillPeer:
+    prefill_id: str
+    agents: list[str]  # its NIXL agents by TP rank
+    connection: Connection
+    queue_depth: int = 0
+    is_healthy: bool = True
+
+
+@dataclass(slots=True)
+class RemotePrefill:
+    request: Request
+    attempt: int
+    prefill_id: str
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class Counters:
+    decisions: Counter = field(default_factory=Counter)
+    prefills: Counter = field(default_factory=Counter)  # local / remote / fallback
+    prompt_tokens_computed: int = 0
+    num_finished: int = 0
+
+
+class DecodeWorker:
+    def __init__(self, group: RankGroup, engine: LLMEngine, options: DecodeOptions,
+                 fingerprint: Fingerprint, secret: str, host: str):
+        self.group = group
+        self.rank0: DecodeRank = group.worker
+        self.engine = engine
+        self.options = options
+        self.fingerprint, self.secret = fingerprint, secret
+        self.endpoints: list[dict] = group.gather("endpoint")
+        self.agents: list[str] = [e["agent_name"] for e in self.endpoints]
+        self.policy = DecisionPolicy(options.disagg_mode, options.max_local_prefill_tokens,
+                                     options.max_prefill_queue,
+                                     options.max_remote_reserved_blocks)
+        self.counters = Counters()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[str, Connection] = {}
+        self.prefills: dict[str, PrefillPeer] = {}
+        self.remote: dict[str, RemotePrefill] = {}
+        self.stale: dict[str, str] = {}  # request id -> owner of its old blocks
+        self.attempts: Counter[str] = Counter()
+        self.subscribers: dict[int, Connection] = {}
+        self.event_seq = 0
+        self._last_load: tuple = ()
+        self._is_stopping = False
+        self.net = EventLoopThread(f"decode-net-{options.worker_id}")
+        server = self.net.run(serve(host, 0, fingerprint, secret, options.worker_id,
+                                    self._on_message, self._on_close))
+        self.address = (host, server.sockets[0].getsockname()[1])
+        self._server = server
+        self._thread = threading.Thread(target=self._run, name=f"decode-{options.worker_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- called from other threads (actor methods, the network thread) -----------------------
+
+    def control(self, kind: str, *args: Any) -> Future:
+        """Run a control command on the engine thread; the future holds its result."""
+        done: Future = Future()
+        self.inbox.put(("control", kind, args, done))
+        return done
+
+    def _on_message(self, connection: Connection, msg: Any) -> None:
+        self.inbox.put(("message", connection, msg))
+
+    def _on_close(self, connection: Connection) -> None:
+        self.inbox.put(("closed", connection))
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._is_stopping:
+                self._drain_inbox()
+                self._poll_kv()
+                self._step()
+                self._publish()
+        except Exception:
+            logger.exception("decode worker %s: engine loop failed", self.options.worker_id)
+            raise
+
+    def _wait_s(self) -> float:
+        scheduler = self.engine.scheduler
+        if scheduler.running or scheduler.waiting:
+            return 0.0
+        return _TRANSFER_WAIT_S if (self.remote or self.stale) else _IDLE_WAIT_S
+
+    def _drain_inbox(self) -> None:
+        try:
+            item = self.inbox.get(timeout=self._wait_s()) if self._wait_s() else \
+                self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "control":
+            _, kind, args, done = item
+            try:
+                done.set_result(getattr(self, f"_control_{kind}")(*args))
+            except Exception as error:  # the caller (an actor method) re-raises it
+                done.set_exception(error)
+        elif item[0] == "message":
+            self._on_request_plane(item[1], item[2])
+        else:
+            self._connection_closed(item[1])
+
+    def _on_request_plane(self, connection: Connection, msg: Any) -> None:
+        if isinstance(msg, protocol.Generate):
+            self._generate(connection, msg)
+        elif isinstance(msg, protocol.Cancel):
+            self._abort(msg.request_id, "cancelled by the client")
+        elif isinstance(msg, protocol.Subscribe):
+            self._subscribe(connection)
+        elif isinstance(msg, protocol.JobReply):
+            self._job_reply(connection.peer, msg)
+        elif isinstance(msg, protocol.CancelJobReply):
+            self._set_depth(connection.peer, msg.queue_depth)
+            remote_attempt = self.attempts[msg.request_id]
+            if not msg.is_writing and msg.request_id in self.stale and \
+                    msg.attempt == remote_attempt:
+                self.rank0.consumer.release(msg.request_id)
+        elif isinstance(msg, protocol.QueueDepth):
+            self._set_depth(connection.peer, msg.queue_depth)
+        elif isinstance(msg, protocol.Error):
+            logger.warning("peer %s reported: %s", connection.peer, msg.message)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _generate(self, connection: Connection, msg: protocol.Generate) -> None:
+        request_id = msg.request_id
+        if request_id in self.streams or request_id in self.stale:
+            connection.send(protocol.TokenChunk(request_id, [], True, "",
+                                                f"request_id {request_id!r} is in use"))
+            return
+        try:
+            params = SamplingParams(**msg.sampling)
+            self.engine.add_request(list(msg.prompt_token_ids), params, request_id)
+        except (ValueError, TypeError) as error:
+            connection.send(protocol.TokenChunk(request_id, [], True, "", str(error)))
+            return
+        self.streams[request_id] = connection
+        request = self.engine.scheduler.requests[request_id]
+        logger.debug("request %s: queued, %d prompt tokens", request_id, request.num_tokens)
+        self._route(request)
+
+    def _route(self, request: Request) -> None:
+        block_manager = self.engine.block_manager
+        num_tokens = request.num_tokens
+        num_cached = block_manager.match_prefix(request.all_token_ids).num_tokens
+        num_to_send = block_manager.num_blocks_for(num_tokens - 1) - \
+            num_cached // block_manager.block_size
+        peer = self._least_loaded_prefill()
+        decision = self.policy.decide(num_tokens - num_cached, num_to_send,
+                                      peer.queue_depth if peer else None,
+                                      sum(r.num_blocks for r in self.remote.values()))
+        logger.debug("request %s: decision %s (%s), %d of %d tokens cached",
+                     request.request_id, decision.where.value, decision.reason.value,
+                     num_cached, num_tokens)
+        if decision.where is Where.REMOTE and self._go_remote(request, peer):
+            self.counters.prefills["remote"] += 1
+        else:
+            self.counters.prefills["local"] += 1
+
+    def _least_loaded_prefill(self) -> PrefillPeer | None:
+        healthy = [p for p in self.prefills.values() if p.is_healthy]
+        return min(healthy, key=lambda p: p.queue_depth) if healthy else None
+
+    def _go_remote(self, request: Request, peer: PrefillPeer) -> bool:
+        request_id = request.request_id
+        block_ids = self.engine.scheduler.allocate_for_remote_kv(request)
+        if block_ids is None:
+            return False
+        first = request.num_cached_tokens // self.engine.block_manager.block_size
+        pool_blocks = block_ids[first:]
+        self.attempts[request_id] += 1
+        attempt = self.attempts[request_id]
+        timeout_s = self.options.remote_prefill_timeout_s
+        targets = self.group.call("expect", request_id, attempt, pool_blocks, peer.agents,
+                                  timeout_s)
+        if targets is None:  # staging is short: prefill here after all
+            self.engine.scheduler.take_back_remote(request_id, request_id + "#none")
+            self.engine.block_manager.free(request_id + "#none")
+            return False
+        peer.connection.send(protocol.PrefillJob(
+            request_id, attempt, request.prompt_token_ids, request.num_cached_tokens,
+            self.agents, targets, timeout_s))
+        peer.queue_depth += 1
+        self.remote[request_id] = RemotePrefill(request, attempt, peer.prefill_id,
+                                                len(pool_blocks))
+        return True
+
+    def _poll_kv(self) -> None:
+        if not (self.remote or self.stale):
+            return
+        for event in self.rank0.consumer.poll():
+            if event.kind is EventKind.LANDED:
+                self._landed(event.request_id)
+            elif event.kind is EventKind.FAILED:
+                self._fall_back(event.request_id, event.reason)
+            else:
+                self._released(event.request_id)
+
+    def _landed(self, request_id: str) -> None:
+        remote = self.remote.pop(request_id)
+        self.group.call("finish_kv", request_id, True)
+        if self.options.is_lossy_wire:
+            remote.request.is_cacheable = False
+        self.engine.scheduler.remote_kv_landed(request_id)
+        logger.debug("request %s: remote KV landed (attempt %d)", request_id, remote.attempt)
+
+    def _fall_back(self, request_id: str, reason: str, requeue: bool = True) -> None:
+        """Give up on the remote prefill: cancel it, park its blocks until RELEASED."""
+        remote = self.remote.pop(request_id)
+        self.rank0.consumer.cancel(request_id)
+        peer = self.prefills.get(remote.prefill_id)
+        if peer is not None and peer.is_healthy:
+            peer.connection.send(protocol.CancelJob(request_id, remote.attempt))
+        owner = f"{request_id}#attempt{remote.attempt}"
+        self.stale[request_id] = owner
+        self.engine.scheduler.take_back_remote(request_id, owner)
+        if requeue:
+            self.counters.prefills["fallback"] += 1
+            logger.info("request %s: remote prefill failed (%s); prefilling locally",
+                        request_id, reason)
+
+    def _released(self, request_id: str) -> None:
+        owner = self.stale.pop(request_id, None)
+        if owner is None:
+            raise RuntimeError(f"RELEASED for request {request_id!r} that is not parked")
+        self.group.call("finish_kv", request_id, False)
+        self.engine.block_manager.free(owner)
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        if request_id in self.remote:
+            self._fall_back(request_id, reason, requeue=False)
+        if self.engine.abort_request(request_id):
+            connection = self.streams.pop(request_id, None)
+            if connection is not None:
+                connection.send(protocol.TokenChunk(request_id, [], True, "abort"))
+            logger.debug("request %s: aborted (%s)", request_id, reason)
+
+    def _step(self) -> None:
+        for output in self.engine.step():
+            connection = self.streams.get(output.request_id)
+            if output.finished:
+                self.streams.pop(output.request_id, None)
+                self.counters.num_finished += 1
+                self.counters.prompt_tokens_computed += output.num_prompt_tokens_computed
+                logger.debug("request %s: finished (%s)", output.request_id,
+                             output.finish_reason)
+            if connection is not None:
+                connection.send(protocol.TokenChunk(
+                    output.request_id, output.new_token_ids, output.finished,
+                    output.finish_reason or "", "", output.num_cached_tokens))
+
+    # -- prefill workers ------------------------------------------------------------------
+
+    def _job_reply(self, prefill_id: str, msg: protocol.JobReply) -> None:
+        self._set_depth(prefill_id, msg.queue_depth)
+        remote = self.remote.get(msg.request_id)
+        if msg.accepted or remote is None or remote.attempt != msg.attempt:
+            return
+        self.rank0.consumer.release(msg.request_id)  # refused: nothing will be written
+        self._fall_back(msg.request_id, f"job refused: {msg.reason}")
+
+    def _set_depth(self, prefill_id: str, depth: int) -> None:
+        if prefill_id in self.prefills:
+            self.prefills[prefill_id].queue_depth = depth
+
+    def _connection_closed(self, connection: Connection) -> None:
+        for request_id in [r for r, c in self.streams.items() if c is connection]:
+            self._abort(request_id, "client disconnected")
+        self.subscribers.pop(connection.connection_id, None)
+        peer = self.prefills.get(connection.peer)
+        if peer is not None and peer.connection is connection:
+            self._prefill_gone(peer, "its connection closed")
+
+    def _prefill_gone(self, peer: PrefillPeer, reason: str) -> None:
+        """Send it nothing more; its jobs fall back now. Their blocks stay parked until it
+        is declared dead and its agents removed (``lose_prefill``)."""
+        peer.is_healthy = False
+        for request_id in [r for r, rp in self.remote.items()
+                           if rp.prefill_id == peer.prefill_id]:
+            self._fall_back(request_id, f"prefill worker {peer.prefill_id}: {reason}")
+
+    def _control_add_prefill(self, prefill_id: str, host: str, port: int,
+                             endpoints: list[dict]) -> None:
+        self.group.call("add_peers", endpoints)
+        connection = self.net.run(open_connection(
+            host, port, "decode", self.fingerprint, self.secret, self._on_message,
+            self._on_close), timeout_s=30)
+        self.prefills[prefill_id] = PrefillPeer(
+            prefill_id, [e["agent_name"] for e in endpoints], connection)
+
+    def _control_lose_prefill(self, prefill_id: str) -> None:
+        peer = self.prefills.pop(prefill_id, None)
+        if peer is None:
+            return
+        self._prefill_gone(peer, "declared dead")
+        peer.connection.close()
+        self.group.call("remove_peers", peer.agents)
+
+    def _control_stats(self) -> dict:
+        scheduler = self.engine.scheduler
+        return {
+            "worker_id": self.options.worker_id,
+            "decisions": {f"{w}:{r}": n for (w, r), n in self.policy.counts.items()},
+            "prefills": dict(self.counters.prefills),
+            "prompt_tokens_computed": self.counters.prompt_tokens_computed,
+            "num_finished": self.counters.num_finished,
+            "num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting),
+            "num_waiting_for_remote_kv": len(scheduler.waiting_for_remote_kv),
+            "num_remote": len(self.remote), "num_stale": len(self.stale),
+            "num_streams": len(self.streams),
+            "num_free_blocks": self.engine.block_manager.num_free_blocks,
+            "num_blocks": self.engine.block_manager.num_blocks,
+            "ranks": self.group.gather("counts"),
+            "prefill_peers": {p.prefill_id: p.is_healthy for p in self.prefills.values()},
+        }
+
+    def _control_stop(self) -> None:
+        self._is_stopping = True
+
+    # -- KV events and load for the router ------------------------------------------------
+
+    def _subscribe(self, connection: Connection) -> None:
+        self.subscribers[connection.connection_id] = connection
+        connection.send(protocol.KVSnapshot(self.options.worker_id, self.event_seq,
+                                            self.engine.block_manager.cached_hashes()))
+        connection.send(self._load())
+
+    def _publish(self) -> None:
+        events = self.engine.drain_kv_events()
+        if events:
+            batch = protocol.KVEvents(self.options.worker_id, self.event_seq,
+                                      [[e.kind, e.block_hash] for e in events])
+            self.event_seq += len(events)
+            for connection in self.subscribers.values():
+                connection.send(batch)
+        load = self._load()
+        if self.subscribers and load != self._last_load:
+            self._last_load = load
+            for connection in self.subscribers.values():
+                connection.send(load)
+
+    def _load(self) -> protocol.Load:
+        scheduler = self.engine.scheduler
+        return protocol.Load(self.options.worker_id, len(scheduler.running),
+                             len(scheduler.waiting) + len(scheduler.waiting_for_remote_kv),
+                             self.engine.block_manager.num_free_blocks,
+                             self.engine.block_manager.num_blocks)
+
+    def shutdown(self) -> None:
+        self.control("stop").result(timeout=30)
+        self._thread.join(timeout=30)
+        self.net.loop.call_soon_threadsafe(self._server.close)
+        self.group.stop()
+        self.rank0.close()
+        self.net.stop()

@@ -1,0 +1,139 @@
+"""Request-plane connections: msgpack frames over asyncio streams, on a uvloop thread.
+
+Workers run their model in their own thread; the event loop runs here, in another. Each
+connection hands received messages to a callback on the loop thread (which must not block:
+it queues them for the worker), and ``Connection.send`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pdserve import protocol
+from pdserve.protocol import Fingerprint, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+OnMessage = Callable[["Connection", Any], None]
+OnClose = Callable[["Connection"], None]
+
+_connection_ids = itertools.count()
+
+
+class EventLoopThread:
+    """An event loop (uvloop when installed) running in a daemon thread."""
+
+    def __init__(self, name: str):
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine, timeout_s: float | None = None) -> Any:
+        """Run a coroutine on the loop from another thread and wait for its result."""
+        return self.submit(coro).result(timeout_s)
+
+    def stop(self) -> None:
+        """Cancel what still runs (connection readers), then stop and close the loop."""
+        if self.loop.is_running():
+            try:
+                self.run(_cancel_tasks(), timeout_s=10)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_tasks() -> None:
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Connection:
+    """One handshaken peer. ``send`` is thread-safe; after close it drops messages."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter,
+                 peer: str):
+        self.connection_id = next(_connection_ids)
+        self.peer = peer  # the peer's worker id or role
+        self._loop = loop
+        self._writer = writer
+        self.is_closed = False
+
+    def send(self, msg: Any) -> None:
+        frame = protocol.encode(msg)
+        try:
+            self._loop.call_soon_threadsafe(self._write, frame)
+        except RuntimeError:  # the loop is closed: so is the connection
+            self.is_closed = True
+
+    def _write(self, frame: bytes) -> None:
+        if not self.is_closed:
+            self._writer.write(frame)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
+        if not self.is_closed:
+            self.is_closed = True
+            self._writer.close()
+
+
+async def _pump(connection: Connection, reader: asyncio.StreamReader, on_message: OnMessage,
+                on_close: OnClose) -> None:
+    try:
+        while True:
+            on_message(connection, await protocol.read_message(reader))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    except ProtocolError as error:
+        logger.warning("closing the connection to %s: %s", connection.peer, error)
+        connection.send(protocol.Error(str(error)))
+    finally:
+        connection._close()
+        on_close(connection)
+
+
+async def serve(host: str, port: int, fingerprint: Fingerprint, secret: str, worker_id: str,
+                on_message: OnMessage, on_close: OnClose) -> asyncio.base_events.Server:
+    """Listen; each connection shakes hands, then its messages go to ``on_message``."""
+    loop = asyncio.get_running_loop()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await protocol.accept(reader, writer, fingerprint, secret, worker_id)
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as error:
+            logger.warning("refused a request-plane peer: %s", error)
+            writer.close()
+            return
+        connection = Connection(loop, writer, hello.role)
+        await _pump(connection, reader, on_message, on_close)
+
+    return await asyncio.start_server(handle, host, port)
+
+
+async def open_connection(host: str, port: int, role: str, fingerprint: Fingerprint,
+                          secret: str, on_message: OnMessage, on_close: OnClose) -> Connection:
+    """Connect and shake hands; the reader runs as a task feeding ``on_message``."""
+    reader, writer, reply = await protocol.connect(host, port, role, fingerprint, secret)
+    connection = Connection(asyncio.get_running_loop(), writer, reply.worker_id)
+    asyncio.get_running_loop().create_task(_pump(connection, reader, on_message, on_close))
+    return connection
