@@ -196,8 +196,8 @@ class Scheduler:
         """The remote prefill failed or was cancelled: the request goes back to the front of
         the queue to prefill here, into fresh blocks. Its old blocks move to the table
         ``keep_blocks_as`` and stay allocated until no late write can land in them."""
-        request = self.waiting_for_remote_kv.pop(request_id)
         self.block_manager.rename(request_id, keep_blocks_as)
+        request = self.waiting_for_remote_kv.pop(request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         self.waiting.appendleft(request)

@@ -210,9 +210,10 @@ class Cluster:
     def cancel(self, request_id: str) -> None:
         self.client.cancel(request_id)
 
-    def stats(self) -> dict:
+    def stats(self, role: str | None = None) -> dict:
+        """Each worker's counters by worker id (``role``: only "decode" or "prefill")."""
         with self._lock:
-            groups = self.decodes + self.prefills
+            groups = [g for g in self.decodes + self.prefills if role in (None, g.role)]
             return {g.worker_id: ray.get(g.driver.control.remote("stats")) for g in groups}
 
     def prefill_driver(self, index: int = 0) -> Any:

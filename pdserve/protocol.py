@@ -258,7 +258,10 @@ def _values(msg: Any) -> tuple:
 
 def decode(payload: bytes) -> Any:
     try:
-        tag, *values = msgpack.unpackb(payload, strict_map_key=False)
+        unpacked = msgpack.unpackb(payload, strict_map_key=False)
+        if not isinstance(unpacked, list) or not unpacked:
+            raise ValueError(f"expected a non-empty array, got {type(unpacked).__name__}")
+        tag, *values = unpacked
         cls = _MESSAGES[tag]
         return cls(*values)
     except (ValueError, TypeError, KeyError, msgpack.UnpackException) as error:

@@ -106,7 +106,7 @@ async def _pump(connection: Connection, reader: asyncio.StreamReader, on_message
         pass
     except ProtocolError as error:
         logger.warning("closing the connection to %s: %s", connection.peer, error)
-        connection.send(protocol.Error(str(error)))
+        connection._write(protocol.encode(protocol.Error(str(error))))
     finally:
         connection._close()
         on_close(connection)

@@ -35,3 +35,17 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def greedy_prompts() -> tuple[str, ...]:
     return GREEDY_PROMPTS
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray per test session with the CPUs of this 2-core machine: the workers'
+    fractional CPU requests must fit it (DESIGN.md)."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,63 @@
+"""Helpers for the end-to-end cluster tests: launch, reference outputs, idle checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.llm import LLM
+from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
+from pdserve.sampling import SamplingParams
+
+WAIT_S = 120.0
+GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+NUM_BLOCKS = 96
+BLOCK_SIZE = 16
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
+    """Poll ``condition`` until truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def cluster_config(model_dir, decode_tp: int = 1, prefill_tp: int = 1,
+                   wire: str = "auto", **decode_options) -> ClusterConfig:
+    decode = dict(num_blocks=NUM_BLOCKS, max_local_prefill_tokens=32,
+                  tensor_parallel_size=decode_tp, remote_prefill_timeout_s=60.0)
+    decode.update(decode_options)
+    return ClusterConfig(
+        model_dir=str(model_dir), block_size=BLOCK_SIZE, kv_transfer_dtype=wire,
+        decode=DecodeConfig(**decode),
+        prefill=PrefillConfig(num_blocks=NUM_BLOCKS, tensor_parallel_size=prefill_tp,
+                              max_num_batched_tokens=64))
+
+
+def offline_greedy(model_dir, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    with LLM(str(model_dir), num_blocks=NUM_BLOCKS * 4, block_size=BLOCK_SIZE) as llm:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def worker_stats(cluster, role: str) -> list[dict]:
+    return list(cluster.stats(role).values())
+
+
+def is_idle(cluster) -> bool:
+    """Every block back in every pool, nothing expected, queued or streaming."""
+    for stats in worker_stats(cluster, "decode"):
+        if (stats["num_free_blocks"] != stats["num_blocks"] or stats["num_remote"]
+                or stats["num_stale"] or stats["num_streams"]
+                or any(rank["num_expected"] for rank in stats["ranks"])):
+            return False
+    for stats in worker_stats(cluster, "prefill"):
+        if stats["num_free_blocks"] != stats["num_blocks"] or stats["queue_depth"]:
+            return False
+    return cluster.client.num_open_streams == 0

@@ -1,0 +1,142 @@
+"""The cluster end to end on a real local Ray, real NIXL and the tiny model (TP1 + TP1).
+
+Remote is proven, not just counted: the decode worker computed only the last prompt token
+and the prefill worker moved exactly the expected bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from engine.config import ModelConfig
+from pdserve.cluster import launch
+from tests.cluster_harness import (
+    BLOCK_SIZE,
+    GREEDY,
+    cluster_config,
+    is_idle,
+    offline_greedy,
+    wait_for,
+    worker_stats,
+)
+from tests.engine_oracle import hf_greedy, random_prompts, top1_margin
+
+MIN_TOP1_MARGIN = 2e-3
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    return ModelConfig.from_dir(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_llama_dir):
+    with launch(cluster_config(tiny_llama_dir)) as cluster:
+        yield cluster
+
+
+def _decode(cluster) -> dict:
+    (stats,) = worker_stats(cluster, "decode")
+    return stats
+
+
+def _prefill(cluster) -> dict:
+    (stats,) = worker_stats(cluster, "prefill")
+    return stats
+
+
+def _expected_bytes(model: ModelConfig, num_prompt_tokens: int, num_cached: int) -> int:
+    """fp32 K and V of every layer for the blocks decode lacks."""
+    num_blocks = -(-(num_prompt_tokens - 1) // BLOCK_SIZE) - num_cached // BLOCK_SIZE
+    return num_blocks * model.num_layers * 2 * model.num_kv_heads * BLOCK_SIZE * model.head_dim * 4
+
+
+def test_long_short_and_cached_prompts_take_their_paths_and_match_hf(cluster, model,
+                                                                      tiny_llama_dir):
+    long, short = random_prompts([80, 12], model.vocab_size, seed=1)
+    cached = long[:64] + short[:8]  # 4 blocks cached once `long` ran, 8 tokens to compute
+    prompts = {"remote": long, "local": short, "cached": cached}
+    expected = dict(zip(prompts, offline_greedy(tiny_llama_dir, list(prompts.values())),
+                        strict=True))
+    for name, prompt in prompts.items():
+        hf_tokens, hf_logits = hf_greedy(str(tiny_llama_dir), prompt, GREEDY["max_tokens"])
+        assert top1_margin(hf_logits) > MIN_TOP1_MARGIN, name
+        assert expected[name] == hf_tokens, name
+
+    before, sent_before = _decode(cluster), _prefill(cluster)["bytes_sent"]
+    result = cluster.generate(long, GREEDY)
+    after = _decode(cluster)
+    assert result.token_ids == expected["remote"]
+    assert after["decisions"].get("remote:long_uncached", 0) == 1
+    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 1
+    assert _prefill(cluster)["bytes_sent"] - sent_before == _expected_bytes(model, 80, 0)
+
+    before = after
+    result = cluster.generate(short, GREEDY)
+    after = _decode(cluster)
+    assert result.token_ids == expected["local"]
+    assert after["decisions"]["local:short_uncached"] == 1
+    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 12
+
+    before = after
+    result = cluster.generate(cached, GREEDY)
+    after = _decode(cluster)
+    assert result.token_ids == expected["cached"]
+    assert result.num_cached_tokens == 64
+    assert after["decisions"]["local:short_uncached"] == 2
+    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 8
+    assert _prefill(cluster)["jobs_done"] == 1
+    wait_for(lambda: is_idle(cluster), "an idle cluster")
+
+
+def test_many_concurrent_requests_complete_and_return_every_block(cluster, model,
+                                                                  tiny_llama_dir):
+    lengths = [5, 120, 33, 70, 9, 47, 100, 16, 64, 21, 90, 3, 55, 40, 110, 28]
+    prompts = random_prompts(lengths, model.vocab_size, seed=2)
+    expected = offline_greedy(tiny_llama_dir, prompts)
+    before = _decode(cluster)["prefills"].get("remote", 0)
+    streams = [cluster.submit(p, GREEDY) for p in prompts]
+    assert [s.result(timeout_s=120).token_ids for s in streams] == expected
+    assert _decode(cluster)["prefills"]["remote"] - before == sum(n > 32 for n in lengths)
+    wait_for(lambda: is_idle(cluster), "an idle cluster")
+
+
+def test_cancel_while_kv_in_flight_frees_blocks_only_after_prefill_confirms(cluster, model):
+    (prompt,) = random_prompts([96], model.vocab_size, seed=3)
+    driver = cluster.prefill_driver()
+    ray.get(driver.hold.remote("cancel-me", 0))
+    stream = cluster.submit(prompt, GREEDY, request_id="cancel-me")
+    assert ray.get(driver.wait_holding.remote(60))
+    cluster.cancel("cancel-me")
+    result = stream.result(timeout_s=60)
+    assert result.finish_reason == "abort"
+    # The prefill worker is stuck inside the layer: it has not confirmed, so decode still
+    # holds the request's blocks, parked.
+    decode = _decode(cluster)
+    assert decode["num_stale"] == 1
+    assert decode["num_blocks"] - decode["num_free_blocks"] == -(-95 // BLOCK_SIZE)
+    ray.get(driver.release_hold.remote())
+    wait_for(lambda: is_idle(cluster), "both sides to free the cancelled request's blocks")
+
+
+def test_prefill_worker_killed_while_holding_a_job_falls_back_and_restarts(
+        cluster, model, tiny_llama_dir):
+    prompts = random_prompts([100, 90], model.vocab_size, seed=4)
+    expected = offline_greedy(tiny_llama_dir, prompts)
+    driver = cluster.prefill_driver()
+    ray.get(driver.hold.remote("doomed", 1))
+    stream = cluster.submit(prompts[0], GREEDY, request_id="doomed")
+    assert ray.get(driver.wait_holding.remote(60))
+    fallbacks = _decode(cluster)["prefills"].get("fallback", 0)
+    cluster.kill_prefill_rank(0)
+    assert stream.result(timeout_s=120).token_ids == expected[0]
+    assert _decode(cluster)["prefills"]["fallback"] == fallbacks + 1
+    wait_for(lambda: cluster.num_restarts == 1, "the prefill group to restart")
+    wait_for(lambda: list(_decode(cluster)["prefill_peers"].values()) == [True],
+             "decode to know the restarted prefill worker")
+    remote = _decode(cluster)["prefills"]["remote"]
+    assert cluster.generate(prompts[1], GREEDY).token_ids == expected[1]
+    assert _decode(cluster)["prefills"]["remote"] == remote + 1
+    assert _prefill(cluster)["jobs_done"] == 1  # the new incarnation served it
+    wait_for(lambda: is_idle(cluster), "an idle cluster")
