@@ -32,7 +32,7 @@ from kvtransfer.consumer import EventKind
 from pdserve import protocol
 from pdserve.protocol import Fingerprint
 from pdserve.sampling import SamplingParams
-from pdserve.transport import Connection, EventLoopThread, open_connection, serve
+from pdserve.transport import Connection, EventLoopThread, open_connection, resident_bytes, serve
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +379,8 @@ class DecodeWorker:
             "num_blocks": self.engine.block_manager.num_blocks,
             "ranks": self.group.gather("counts"),
             "prefill_peers": {p.prefill_id: p.is_healthy for p in self.prefills.values()},
+            "num_subscribers": len(self.subscribers),
+            "rss_bytes": resident_bytes(),
         }
 
     def _control_stop(self) -> None:

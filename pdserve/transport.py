@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -137,3 +138,12 @@ async def open_connection(host: str, port: int, role: str, fingerprint: Fingerpr
     connection = Connection(asyncio.get_running_loop(), writer, reply.worker_id)
     asyncio.get_running_loop().create_task(_pump(connection, reader, on_message, on_close))
     return connection
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux), for the no-growth checks; 0 elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -26,7 +26,7 @@ from engine.model_runner import ModelInput, SequenceInput
 from engine.rank_group import RankGroup
 from pdserve import protocol
 from pdserve.protocol import Fingerprint, PrefillJob
-from pdserve.transport import Connection, EventLoopThread, serve
+from pdserve.transport import Connection, EventLoopThread, resident_bytes, serve
 from prefill.rank import PrefillRank, Send
 
 logger = logging.getLogger(__name__)
@@ -306,6 +306,7 @@ class PrefillWorker:
                 "queue_depth": self.queue_depth, "num_active": len(self.active),
                 "num_free_blocks": self.block_manager.num_free_blocks,
                 "num_blocks": self.block_manager.num_blocks,
+                "num_connections": len(self.connections), "rss_bytes": resident_bytes(),
                 "ranks": self.group.gather("counts")}
 
     def _control_stop(self) -> None:
