@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import socket
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
-
-# Ranks must all join within this; a rank that died before joining fails the start.
-_JOIN_TIMEOUT = timedelta(seconds=120)
-# Collectives wait for the driver's next step, which may be far off when the engine idles.
-_COLLECTIVE_TIMEOUT = timedelta(days=365)
+from engine.rank_group import free_port, join_group
 
 
 class LocalExecutor:
@@ -39,12 +33,6 @@ class LocalExecutor:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _init_rank(options: RunnerOptions, rank: int, size: int, port: int,
                num_threads: int | None) -> ModelRunner:
     if num_threads:
@@ -53,9 +41,7 @@ def _init_rank(options: RunnerOptions, rank: int, size: int, port: int,
     if is_cuda:
         torch.cuda.set_device(rank)
         options = dataclasses.replace(options, device=f"cuda:{rank}")
-    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=_JOIN_TIMEOUT)
-    dist.init_process_group("nccl" if is_cuda else "gloo", store=store, rank=rank,
-                            world_size=size, timeout=_COLLECTIVE_TIMEOUT)
+    join_group("127.0.0.1", port, rank, size, is_cuda)
     return ModelRunner(options, TensorParallel(rank, size))
 
 
@@ -75,7 +61,7 @@ class MultiprocessExecutor:
     """Rank 0 here, ranks 1.. in spawned processes, one process group."""
 
     def __init__(self, options: RunnerOptions, tp_size: int, num_threads: int | None):
-        port = _free_port()
+        port = free_port()
         context = multiprocessing.get_context("spawn")
         self.processes = [
             context.Process(target=_worker_main, daemon=True,

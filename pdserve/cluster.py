@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -54,9 +55,11 @@ class WorkerGroup:
         return self.ranks[0]
 
 
-def launch(config: ClusterConfig) -> Cluster:
-    """Start the cluster; a bad config or a placement Ray cannot satisfy raises ValueError
-    / RuntimeError naming what was wrong."""
+def launch(config: ClusterConfig | str | Path) -> Cluster:
+    """Start the cluster from a config (or a YAML file holding one); a bad config raises
+    ValueError naming the field, a placement Ray cannot satisfy RuntimeError."""
+    if not isinstance(config, ClusterConfig):
+        config = ClusterConfig.from_yaml(config)
     config.check_model()
     _init_ray(config.address)
     return Cluster(config)
