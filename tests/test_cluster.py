@@ -6,11 +6,14 @@ and the prefill worker moved exactly the expected bytes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import ray
 
 from engine.config import ModelConfig
 from pdserve.cluster import launch
+from pdserve.config import DecodeConfig, PrefillConfig
 from tests.cluster_harness import (
     BLOCK_SIZE,
     GREEDY,
@@ -176,3 +179,34 @@ def test_prefill_worker_killed_while_holding_a_job_falls_back_and_restarts(
     assert _decode(cluster)["prefills"]["remote"] == remote + 1
     assert _prefill(cluster)["jobs_done"] == 1  # the new incarnation served it
     wait_for(lambda: is_idle(cluster), "an idle cluster")
+
+
+def test_fp8_wire_into_a_model_dtype_pool_keeps_landed_blocks_out_of_the_cache(
+        ray_session, model, tiny_llama_dir):
+    (prompt,) = random_prompts([80], model.vocab_size, seed=7)
+    config = cluster_config(tiny_llama_dir, wire="fp8")
+    with launch(config) as cluster:
+        first = cluster.generate(prompt, GREEDY)
+        assert len(first.token_ids) == GREEDY["max_tokens"] and not first.error
+        assert _decode(cluster)["prefills"] == {"remote": 1}
+        # The KV arrived lossy: a second identical prompt finds nothing cached, so it goes
+        # remote again instead of hitting blocks that depend on the fp8 round trip.
+        second = cluster.generate(prompt, GREEDY)
+        assert second.num_cached_tokens == 0
+        assert _decode(cluster)["prefills"] == {"remote": 2}
+        wait_for(lambda: is_idle(cluster), "an idle cluster")
+
+
+def test_a_placement_ray_cannot_satisfy_fails_with_a_clear_error(ray_session, tiny_llama_dir):
+    config = dataclasses.replace(cluster_config(tiny_llama_dir), placement_timeout_s=1.0,
+                                 prefill=PrefillConfig(cpus_per_rank=64.0))
+    with pytest.raises(RuntimeError, match=r"cannot place prefill worker 0: it needs 1 x "
+                                           r"\{'CPU': 64.0\}"):
+        launch(config)
+
+
+def test_invalid_config_fails_at_launch_naming_the_field(ray_session, tiny_llama_dir):
+    config = dataclasses.replace(cluster_config(tiny_llama_dir),
+                                 decode=DecodeConfig(tensor_parallel_size=3))
+    with pytest.raises(ValueError, match=r"decode.tensor_parallel_size=3"):
+        launch(config)
