@@ -16,6 +16,7 @@ back. A request's life on the remote path (DESIGN.md steps 3-6)::
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import Counter
@@ -133,8 +134,10 @@ class DecodeWorker:
                 self._step()
                 self._publish()
         except Exception:
+            # Crash-only: a broken worker must not linger with requests hanging on it. The
+            # process exits, the supervisor restarts the group, peers fall back.
             logger.exception("decode worker %s: engine loop failed", self.options.worker_id)
-            raise
+            os._exit(1)
 
     def _wait_s(self) -> float:
         scheduler = self.engine.scheduler

@@ -14,6 +14,7 @@ by the KV plane), never re-run on its own.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -109,8 +110,10 @@ class PrefillWorker:
                 self._compute()
                 self._collect()
         except Exception:
+            # Crash-only: a broken worker must not linger with requests hanging on it. The
+            # process exits, the supervisor restarts the group, peers fall back.
             logger.exception("prefill worker %s: loop failed", self.options.worker_id)
-            raise
+            os._exit(1)
 
     def _drain_inbox(self) -> None:
         has_work = self.queue or any(not j.is_closed for j in self.active.values())
