@@ -308,6 +308,8 @@ class DecodeWorker:
     def _step(self) -> None:
         for output in self.engine.step():
             connection = self.streams.get(output.request_id)
+            if len(output.token_ids) == 1:
+                logger.debug("request %s: first token", output.request_id)
             if output.finished:
                 self.streams.pop(output.request_id, None)
                 self.counters.num_finished += 1

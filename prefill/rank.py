@@ -7,12 +7,15 @@ forward pass, after each layer, every rank posts that layer's KV of the jobs in 
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
 from kvtransfer.endpoint import Destination, Endpoint
 from kvtransfer.producer import KVProducer
+
+logger = logging.getLogger(__name__)
 
 # (request id, first block of the job's send list, number of blocks)
 Send = tuple[str, int, int]
@@ -37,6 +40,8 @@ class PrefillRank:
         def after_layer(layer: int) -> None:
             for request_id, first_block, num_blocks in sends:
                 self.producer.send_layer(request_id, layer, first_block, num_blocks)
+                logger.debug("request %s: layer %d posted, blocks %d..%d", request_id, layer,
+                             first_block, first_block + num_blocks - 1)
                 if self.hold == (request_id, layer):
                     self.is_holding.set()
                     self.release_hold.wait()
