@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from decode.decision import DecisionPolicy, Where
+from decode.events import EventPublisher
 from decode.rank import DecodeRank
 from engine.engine import LLMEngine
 from engine.rank_group import RankGroup
@@ -97,9 +98,7 @@ class DecodeWorker:
         self.remote: dict[str, RemotePrefill] = {}
         self.stale: dict[str, str] = {}  # request id -> owner of its old blocks
         self.attempts: Counter[str] = Counter()
-        self.subscribers: dict[int, Connection] = {}
-        self.event_seq = 0
-        self._last_load: tuple = ()
+        self.events = EventPublisher(options.worker_id, engine)
         self._is_stopping = False
         self.net = EventLoopThread(f"decode-net-{options.worker_id}")
         server = self.net.run(serve(host, 0, fingerprint, secret, options.worker_id,
@@ -132,7 +131,7 @@ class DecodeWorker:
                 self._drain_inbox()
                 self._poll_kv()
                 self._step()
-                self._publish()
+                self.events.publish()
         except Exception:
             # Crash-only: a broken worker must not linger with requests hanging on it. The
             # process exits, the supervisor restarts the group, peers fall back.
@@ -176,7 +175,7 @@ class DecodeWorker:
         elif isinstance(msg, protocol.Cancel):
             self._abort(msg.request_id, "cancelled by the client")
         elif isinstance(msg, protocol.Subscribe):
-            self._subscribe(connection)
+            self.events.subscribe(connection)
         elif isinstance(msg, protocol.JobReply):
             self._job_reply(connection.peer, msg)
         elif isinstance(msg, protocol.CancelJobReply):
@@ -338,7 +337,7 @@ class DecodeWorker:
     def _connection_closed(self, connection: Connection) -> None:
         for request_id in [r for r, c in self.streams.items() if c is connection]:
             self._abort(request_id, "client disconnected")
-        self.subscribers.pop(connection.connection_id, None)
+        self.events.unsubscribe(connection)
         peer = self.prefills.get(connection.peer)
         if peer is not None and peer.connection is connection:
             self._prefill_gone(peer, "its connection closed")
@@ -384,41 +383,12 @@ class DecodeWorker:
             "num_blocks": self.engine.block_manager.num_blocks,
             "ranks": self.group.gather("counts"),
             "prefill_peers": {p.prefill_id: p.is_healthy for p in self.prefills.values()},
-            "num_subscribers": len(self.subscribers),
+            "num_subscribers": len(self.events.subscribers),
             "rss_bytes": resident_bytes(),
         }
 
     def _control_stop(self) -> None:
         self._is_stopping = True
-
-    # -- KV events and load for the router ------------------------------------------------
-
-    def _subscribe(self, connection: Connection) -> None:
-        self.subscribers[connection.connection_id] = connection
-        connection.send(protocol.KVSnapshot(self.options.worker_id, self.event_seq,
-                                            self.engine.block_manager.cached_hashes()))
-        connection.send(self._load())
-
-    def _publish(self) -> None:
-        events = self.engine.drain_kv_events()
-        if events:
-            batch = protocol.KVEvents(self.options.worker_id, self.event_seq,
-                                      [[e.kind, e.block_hash] for e in events])
-            self.event_seq += len(events)
-            for connection in self.subscribers.values():
-                connection.send(batch)
-        load = self._load()
-        if self.subscribers and load != self._last_load:
-            self._last_load = load
-            for connection in self.subscribers.values():
-                connection.send(load)
-
-    def _load(self) -> protocol.Load:
-        scheduler = self.engine.scheduler
-        return protocol.Load(self.options.worker_id, len(scheduler.running),
-                             len(scheduler.waiting) + len(scheduler.waiting_for_remote_kv),
-                             self.engine.block_manager.num_free_blocks,
-                             self.engine.block_manager.num_blocks)
 
     def shutdown(self) -> None:
         self.control("stop").result(timeout=30)

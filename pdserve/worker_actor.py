@@ -147,6 +147,8 @@ class WorkerRank:
 
     def hold(self, request_id: str, layer: int) -> None:
         """Test hook: the forward pass computing ``request_id`` stops after ``layer``."""
+        self.rank_worker.is_holding.clear()
+        self.rank_worker.release_hold.clear()
         self.rank_worker.hold = (request_id, layer)
 
     def wait_holding(self, timeout_s: float) -> bool:

@@ -7,13 +7,17 @@ and the prefill worker moved exactly the expected bytes.
 from __future__ import annotations
 
 import dataclasses
+import queue
 
 import pytest
 import ray
 
 from engine.config import ModelConfig
+from pdserve import protocol
 from pdserve.cluster import launch
 from pdserve.config import DecodeConfig, PrefillConfig
+from pdserve.hashing import hash_blocks
+from pdserve.transport import EventLoopThread, open_connection
 from tests.cluster_harness import (
     BLOCK_SIZE,
     GREEDY,
@@ -121,6 +125,33 @@ def test_cancel_while_kv_in_flight_frees_blocks_only_after_prefill_confirms(clus
     assert decode["num_blocks"] - decode["num_free_blocks"] == -(-95 // BLOCK_SIZE)
     ray.get(driver.release_hold.remote())
     wait_for(lambda: is_idle(cluster), "both sides to free the cancelled request's blocks")
+
+
+def test_subscribers_get_a_snapshot_then_numbered_kv_events_and_load(cluster, model):
+    received: queue.SimpleQueue = queue.SimpleQueue()
+    net = EventLoopThread("test-subscriber")
+    try:
+        host, port = cluster.decodes[0].address
+        connection = net.run(open_connection(
+            host, port, "router", cluster.fingerprint, cluster.secret,
+            lambda _, msg: received.put(msg), lambda _: None), timeout_s=30)
+        connection.send(protocol.Subscribe())
+        snapshot = received.get(timeout=30)
+        assert isinstance(snapshot, protocol.KVSnapshot)
+        assert isinstance(received.get(timeout=30), protocol.Load)
+        (prompt,) = random_prompts([40], model.vocab_size, seed=8)
+        cluster.generate(prompt, {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True})
+        hashes, seq = set(snapshot.block_hashes), snapshot.seq
+        while not set(hash_blocks(prompt[:32], BLOCK_SIZE)) <= hashes:
+            msg = received.get(timeout=30)
+            if isinstance(msg, protocol.KVEvents):
+                assert msg.seq_start == seq  # numbered without gaps
+                seq += len(msg.events)
+                for kind, block_hash in msg.events:
+                    (hashes.add if kind == "stored" else hashes.discard)(block_hash)
+        connection.close()
+    finally:
+        net.stop()
 
 
 def _idle_counts(cluster) -> dict:
