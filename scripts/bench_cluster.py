@@ -1,30 +1,36 @@
 """Cluster benchmark (issue 4, "Memory and speed"): remote against local prefill, one run.
 
-Every cluster is up at once on one local Ray (1 decode worker, TP1, plus for the remote
-sides 1 prefill worker, TP1), so the sides take turns request by request:
+Two sides of the same shape (1 decode worker and 1 prefill worker, TP1 each, on one local
+Ray with 2 CPUs), differing only in where a long prompt is prefilled:
 
-- ``local``: ``disagg_mode="never"``, no prefill worker: every prompt is prefilled on the
-  decode worker.
+- ``local``: ``disagg_mode="never"``: on the decode worker (the prefill worker idles).
 - ``remote_<wire>``: ``disagg_mode="conditional"`` with the default threshold (256 tokens):
-  the long prompts go to the prefill worker and their KV comes over NIXL on that wire, the
+  the long prompts go to the prefill worker and their KV comes over NIXL on that wire; the
   short decode prompts stay local.
 
+One cluster is up at a time: every rank's NIXL agent runs a progress thread that keeps a
+core busy even when idle (``idle_cores`` below), so a second cluster would take CPU from the
+one being measured. Each repeat launches every side in turn, the order rotated by one per
+repeat, and takes on it, after two warm-up requests:
+
 1. TTFT of a long prompt on idle workers: submit to the first chunk with a token, fresh
-   random prompts (no prefix-cache hit anywhere), the sides alternated trial by trial.
+   random prompts (no prefix-cache hit anywhere), ``--trials`` of them, the median kept.
 2. Inter-token latency of 8 running decodes (32-token prompts, 128 output tokens) while long
    prompts keep arriving, one in flight at a time (the next is submitted when the previous
-   finishes) until the decodes end: every gap between two token chunks of the 8 decodes.
+   finishes) until the decodes end: every gap between two token chunks of the 8 decodes,
+   pooled; p50, p99, max. The same 8 decodes alone first, as the baseline.
+3. Footprint: CPU cores the idle worker processes use, and their resident memory.
 
-Each repeat takes the median of its TTFT trials and the percentiles of its pooled gaps; the
-report gives the median and [min .. max] over repeats, the JSON keeps every repeat and the
-decode workers' decision counters that show which path each side took.
-Run: ``.venv/bin/python scripts/bench_cluster.py`` (``--repeats 1 --trials 2`` for a smoke run).
+The report gives the median and [min .. max] over repeats of each figure and of each
+per-repeat ratio; the JSON keeps every repeat, every trial and the decode worker's decision
+counters, checked against the path each request must have taken.
+Run: ``.venv/bin/python scripts/bench_cluster.py`` (``--repeats 1 --trials 2 --wire fp8``
+for a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -47,9 +53,9 @@ WIRES = ("fp8", "auto")
 FIRST_TOKEN_ID = 8  # ids below are the byte-level tokenizer's reserved ones
 DECODE_POOL_BLOCKS = 512  # 8 decodes x 10 blocks + long prompts of 64 blocks, with room
 PREFILL_POOL_BLOCKS = 256
-CPUS_PER_RANK = 0.25  # Ray's accounting only (5 ranks must fit in 2): nothing is pinned
 NUM_WARMUP_REQUESTS = 2
-SETTLE_S = 0.2  # between TTFT trials, so each one starts on idle workers
+SETTLE_S = 0.2  # before each TTFT trial, so it starts on idle workers
+IDLE_SAMPLE_S = 2.0
 LONG_SAMPLING = {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True}
 NUM_DECODES, DECODE_PROMPT_TOKENS, DECODE_OUTPUT_TOKENS = 8, 32, 128
 DECODE_SAMPLING = {"max_tokens": DECODE_OUTPUT_TOKENS, "temperature": 0.0, "ignore_eos": True}
@@ -101,24 +107,54 @@ def parse_args() -> argparse.Namespace:
 
 
 def side_config(model_dir: Path, wire: str | None) -> ClusterConfig:
-    """``wire=None``: the local side (never, no prefill worker)."""
-    decode = DecodeConfig(num_blocks=DECODE_POOL_BLOCKS, cpus_per_rank=CPUS_PER_RANK,
+    """``wire=None``: the local side. Defaults everywhere but the pool sizes and the mode."""
+    decode = DecodeConfig(num_blocks=DECODE_POOL_BLOCKS,
                           disagg_mode="never" if wire is None else "conditional")
-    prefill = PrefillConfig(num_workers=0 if wire is None else 1,
-                            num_blocks=PREFILL_POOL_BLOCKS, cpus_per_rank=CPUS_PER_RANK)
+    prefill = PrefillConfig(num_blocks=PREFILL_POOL_BLOCKS)
     return ClusterConfig(model_dir=str(model_dir), decode=decode, prefill=prefill,
                          kv_transfer_dtype=wire or "fp8")
 
 
-def launch_sides(model_dir: Path, wires: list[str], stack: contextlib.ExitStack,
-                 report: dict) -> dict[str, Cluster]:
-    sides: dict[str, Cluster] = {}
-    for name, wire in [("local", None)] + [(f"remote_{w}", w) for w in wires]:
-        start = time.perf_counter()
-        sides[name] = stack.enter_context(launch(side_config(model_dir, wire)))
-        report["launch_s"][name] = time.perf_counter() - start
-        report["cluster_configs"][name] = sides[name].config.to_dict()
-    return sides
+def worker_pids() -> list[int]:
+    """This run's worker-rank processes: the ``ray::WorkerRank`` descendants of this one
+    (other Ray sessions on the machine have their own)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+        mine |= frontier
+    return sorted(pid for pid in mine if _cmdline(pid).startswith("ray::WorkerRank"))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def _cpu_s(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def idle_footprint() -> dict:
+    """Cores the idle worker processes keep busy, and each one's resident memory."""
+    pids = worker_pids()
+    before = sum(_cpu_s(pid) for pid in pids)
+    time.sleep(IDLE_SAMPLE_S)
+    cores = (sum(_cpu_s(pid) for pid in pids) - before) / IDLE_SAMPLE_S
+    rss_mib = [int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+               * os.sysconf("SC_PAGE_SIZE") / 2**20 for pid in pids]
+    return {"idle_cores": cores, "worker_rss_mib": rss_mib}
 
 
 def time_request(cluster: Cluster, prompt: list[int], sampling: dict) -> tuple[float, int]:
@@ -141,30 +177,13 @@ def time_request(cluster: Cluster, prompt: list[int], sampling: dict) -> tuple[f
             return ttft_s, num_tokens
 
 
-def bench_ttft(sides: dict[str, Cluster], args, source: TokenSource) -> dict:
-    """The sides alternate trial by trial, each trial's order reversed from the last."""
-    for cluster in sides.values():
-        for _ in range(NUM_WARMUP_REQUESTS):
-            time_request(cluster, source.tokens(args.prompt_tokens), LONG_SAMPLING)
-    runs = []
-    for repeat in range(args.repeats):
-        trials: dict[str, list[float]] = {name: [] for name in sides}
-        for trial in range(args.trials):
-            order = list(sides) if trial % 2 == 0 else list(sides)[::-1]
-            for name in order:
-                time.sleep(SETTLE_S)
-                seconds, _ = time_request(sides[name], source.tokens(args.prompt_tokens),
-                                          LONG_SAMPLING)
-                trials[name].append(seconds)
-        run: dict = {f"{name}_s": statistics.median(t) for name, t in trials.items()}
-        for name in sides:
-            if name != "local":
-                run[f"{name}_over_local"] = run[f"{name}_s"] / run["local_s"]
-        run["trials_s"] = trials
-        run["load_average_1_min"] = os.getloadavg()[0]
-        runs.append(run)
-        print(f"  ttft repeat {repeat}: {rounded(run)}")
-    return summarize(runs)
+def ttft_trials(cluster: Cluster, args, source: TokenSource) -> list[float]:
+    trials = []
+    for _ in range(args.trials):
+        time.sleep(SETTLE_S)
+        trials.append(time_request(cluster, source.tokens(args.prompt_tokens),
+                                   LONG_SAMPLING)[0])
+    return trials
 
 
 def collect_chunk_times(stream, started: threading.Semaphore) -> list[tuple[float, int]]:
@@ -192,13 +211,12 @@ def keep_arriving(cluster: Cluster, source: TokenSource, prompt_tokens: int,
     return ttfts
 
 
-def decodes_under_arrivals(cluster: Cluster, source: TokenSource,
-                           prompt_tokens: int) -> dict:
-    """One ITL run: start the decodes, then the long prompts once every decode has its
-    first token."""
+def run_decodes(cluster: Cluster, source: TokenSource, prompt_tokens: int | None) -> dict:
+    """One ITL run: start the decodes, then (unless ``prompt_tokens`` is None) the long
+    prompts once every decode has its first token."""
     started, stop = threading.Semaphore(0), threading.Event()
     prompts = [source.tokens(DECODE_PROMPT_TOKENS) for _ in range(NUM_DECODES)]
-    start = time.perf_counter()
+    start, long_ttfts = time.perf_counter(), []
     with ThreadPoolExecutor(NUM_DECODES + 1) as pool:
         try:
             readers = [pool.submit(collect_chunk_times, cluster.submit(p, DECODE_SAMPLING),
@@ -206,11 +224,13 @@ def decodes_under_arrivals(cluster: Cluster, source: TokenSource,
             for _ in range(NUM_DECODES):
                 if not started.acquire(timeout=TIMEOUT_S):
                     raise RuntimeError(f"a decode had no first token after {TIMEOUT_S} s")
-            arrivals = pool.submit(keep_arriving, cluster, source, prompt_tokens, stop)
+            if prompt_tokens is not None:
+                arrivals = pool.submit(keep_arriving, cluster, source, prompt_tokens, stop)
             chunk_times = [reader.result() for reader in readers]
         finally:
             stop.set()
-        long_ttfts = arrivals.result()
+        if prompt_tokens is not None:
+            long_ttfts = arrivals.result()
     return itl_figures(chunk_times, long_ttfts, time.perf_counter() - start)
 
 
@@ -231,19 +251,67 @@ def itl_figures(chunk_times: list[list[tuple[float, int]]], long_ttfts: list[flo
             "wall_s": wall_s}
 
 
-def bench_itl(sides: dict[str, Cluster], args, source: TokenSource) -> dict:
-    """Per repeat one run per side, the order rotated so no side always goes first."""
-    names, runs = list(sides), []
+def run_side(model_dir: Path, name: str, wire: str | None, args,
+             source: TokenSource) -> dict:
+    """Launch one side, take its figures, check its paths, shut it down."""
+    start = time.perf_counter()
+    with launch(side_config(model_dir, wire)) as cluster:
+        figures: dict = {"launch_s": time.perf_counter() - start, **idle_footprint()}
+        for _ in range(NUM_WARMUP_REQUESTS):
+            time_request(cluster, source.tokens(args.prompt_tokens), LONG_SAMPLING)
+        trials = ttft_trials(cluster, args, source)
+        figures.update(ttft_s=statistics.median(trials), ttft_trials_s=trials)
+        quiet = run_decodes(cluster, source, None)
+        figures.update({f"quiet_{k}": quiet[k] for k in ("itl_p50_ms", "itl_p99_ms")})
+        figures.update(run_decodes(cluster, source, args.prompt_tokens))
+        (counters,) = cluster.stats("decode").values()
+        prefill_counters = list(cluster.stats("prefill").values())
+    num_long = NUM_WARMUP_REQUESTS + args.trials + figures["num_long_prompts"]
+    num_short = 2 * NUM_DECODES  # the quiet run's and the loaded run's
+    figures["counters"] = {k: counters[k] for k in ("decisions", "prefills",
+                                                    "prompt_tokens_computed")}
+    figures["counters"]["prefill_jobs_done"] = [p["jobs_done"] for p in prefill_counters]
+    figures["path_problems"] = check_path(name, figures["counters"], num_long, num_short,
+                                          args.prompt_tokens)
+    return figures
+
+
+def check_path(name: str, counters: dict, num_long: int, num_short: int,
+               prompt_tokens: int) -> list[str]:
+    """What contradicts the intended paths. Remote is proven as in tests/test_cluster.py:
+    the decode worker computed only the last token of each long prompt."""
+    if name == "local":
+        expected = {"decisions": {"local:mode_never": num_long + num_short},
+                    "prefills": {"local": num_long + num_short},
+                    "prompt_tokens_computed": num_long * prompt_tokens
+                    + num_short * DECODE_PROMPT_TOKENS, "prefill_jobs_done": [0]}
+    else:
+        expected = {"decisions": {"remote:long_uncached": num_long,
+                                  "local:short_uncached": num_short},
+                    "prefills": {"remote": num_long, "local": num_short},
+                    "prompt_tokens_computed": num_long + num_short * DECODE_PROMPT_TOKENS,
+                    "prefill_jobs_done": [num_long]}
+    return [f"{name}: {key} is {counters[key]}, expected {value}"
+            for key, value in expected.items() if counters[key] != value]
+
+
+def bench(model_dir: Path, args, source: TokenSource) -> dict:
+    """Every side once per repeat, the order rotated by one each repeat."""
+    sides = [("local", None)] + [(f"remote_{w}", w) for w in args.wires]
+    runs = []
     for repeat in range(args.repeats):
-        run: dict = {}
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            figures = decodes_under_arrivals(sides[name], source, args.prompt_tokens)
+        run: dict = {"order": []}
+        for name, wire in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
+            figures = run_side(model_dir, name, wire, args, source)
             run.update({f"{name}_{key}": value for key, value in figures.items()})
-        for name in names[1:]:
-            run[f"p99_local_over_{name}"] = run["local_itl_p99_ms"] / run[f"{name}_itl_p99_ms"]
+            run["order"].append(name)
+            print(f"  repeat {repeat} {name}: {rounded(figures)}")
+        for name, _ in sides[1:]:
+            run[f"ttft_{name}_over_local"] = run[f"{name}_ttft_s"] / run["local_ttft_s"]
+            run[f"itl_p99_local_over_{name}"] = (run["local_itl_p99_ms"]
+                                                 / run[f"{name}_itl_p99_ms"])
         run["load_average_1_min"] = os.getloadavg()[0]
         runs.append(run)
-        print(f"  itl repeat {repeat}: {rounded(run)}")
     return summarize(runs)
 
 
@@ -255,41 +323,9 @@ def summarize(runs: list[dict]) -> dict:
     return {**summary, "repeats": runs}
 
 
-def rounded(run: dict) -> dict:
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()
-            if not isinstance(v, dict)}
-
-
-def path_counters(sides: dict[str, Cluster]) -> dict:
-    """Each side's decode and prefill counters: where every prompt was prefilled."""
-    paths = {}
-    for name, cluster in sides.items():
-        (decode,) = cluster.stats("decode").values()
-        prefills = list(cluster.stats("prefill").values())
-        paths[name] = {key: decode[key] for key in ("decisions", "prefills",
-                                                    "prompt_tokens_computed", "num_finished")}
-        paths[name]["prefill_workers"] = [{k: p.get(k) for k in ("jobs_done", "bytes_sent")}
-                                          for p in prefills]
-    return paths
-
-
-def check_paths(paths: dict, args) -> list[str]:
-    """What contradicts the intended paths: every long prompt remote on a remote side, none
-    falling back, everything local on the local side."""
-    problems = []
-    for name, counters in paths.items():
-        prefills = counters["prefills"]
-        if prefills.get("fallback", 0):
-            problems.append(f"{name}: {prefills['fallback']} remote prefills fell back")
-        if name == "local" and set(counters["decisions"]) != {"local:mode_never"}:
-            problems.append(f"local: decisions {counters['decisions']}")
-        if name != "local":
-            long_prompts = counters["num_finished"] - args.repeats * NUM_DECODES
-            remote = counters["decisions"].get("remote:long_uncached", 0)
-            if remote != long_prompts or prefills.get("remote", 0) != long_prompts:
-                problems.append(f"{name}: {remote} remote decisions for {long_prompts} long "
-                                f"prompts ({counters})")
-    return problems
+def rounded(figures: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()
+            if not isinstance(v, list | dict) or k == "path_problems"}
 
 
 def git_commit() -> str:
@@ -323,29 +359,36 @@ def describe(args, model_dir: Path) -> dict:
                      "warmup_requests_per_side": NUM_WARMUP_REQUESTS,
                      "num_decodes": NUM_DECODES, "decode_prompt_tokens": DECODE_PROMPT_TOKENS,
                      "decode_sampling": DECODE_SAMPLING, "seed": args.seed},
-        "launch_s": {}, "cluster_configs": {},
+        "cluster_configs": {name: side_config(model_dir, wire).to_dict() for name, wire
+                            in [("local", None)] + [(f"remote_{w}", w) for w in args.wires]},
     }
 
 
 def print_table(report: dict) -> None:
-    ttft, itl = report["ttft"], report["itl"]
-    rows = [(f"TTFT {name} ({report['workload']['prompt_tokens']} tokens), ms", ttft[key], 1e3)
-            for key in ttft if key.endswith("_s") for name in [key[:-2]]]
-    rows += [(f"TTFT {key[:-len('_over_local')]} / local", ttft[key], 1)
-             for key in ttft if key.endswith("_over_local")]
-    for key in [k for k in itl if k.endswith(("_itl_p50_ms", "_itl_p99_ms", "_itl_max_ms"))]:
-        rows.append((f"ITL {key.replace('_itl_', ' ')}", itl[key], 1))
-    rows += [(f"ITL p99 local / {key[len('p99_local_over_'):]}", itl[key], 1)
-             for key in itl if key.startswith("p99_local_over_")]
-    print(f"\n{'figure':<44}{'median  [min .. max]':>30}")
-    for label, figure, scale in rows:
-        median, low, high = (figure[k] * scale for k in ("median", "min", "max"))
-        print(f"{label:<44}{median:>10.3f}  [{low:.3f} .. {high:.3f}]")
-    served = {k: [r[k] for r in itl["repeats"]] for k in itl["repeats"][0]
-              if k.endswith("num_long_prompts")}
+    figures, names = report["figures"], report["figures"]["repeats"][0]["order"]
+    names = ["local"] + sorted(n for n in names if n != "local")
+    rows = []
+    for name in names:
+        rows += [(f"{name}: TTFT, {report['workload']['prompt_tokens']}-token prompt, ms",
+                  f"{name}_ttft_s", 1e3),
+                 (f"{name}: ITL p50 ms", f"{name}_itl_p50_ms", 1),
+                 (f"{name}: ITL p99 ms", f"{name}_itl_p99_ms", 1),
+                 (f"{name}: ITL max ms", f"{name}_itl_max_ms", 1),
+                 (f"{name}: ITL p50 ms, no long prompts", f"{name}_quiet_itl_p50_ms", 1),
+                 (f"{name}: ITL p99 ms, no long prompts", f"{name}_quiet_itl_p99_ms", 1),
+                 (f"{name}: long-prompt TTFT under decode, s",
+                  f"{name}_long_prompt_ttft_median_s", 1),
+                 (f"{name}: idle worker processes, cores busy", f"{name}_idle_cores", 1)]
+    for name in names[1:]:
+        rows += [(f"TTFT {name} / local", f"ttft_{name}_over_local", 1),
+                 (f"ITL p99 local / {name}", f"itl_p99_local_over_{name}", 1)]
+    print(f"\n{'figure':<52}{'median  [min .. max]':>30}")
+    for label, key, scale in rows:
+        median, low, high = (figures[key][k] * scale for k in ("median", "min", "max"))
+        print(f"{label:<52}{median:>10.3f}  [{low:.3f} .. {high:.3f}]")
+    served = {n: [r[f"{n}_num_long_prompts"] for r in figures["repeats"]] for n in names}
     print(f"long prompts served during the decodes, per repeat: {served}")
     print(f"targets: {json.dumps(report['targets'])}")
-    print(f"paths: {json.dumps(report['paths'])}")
 
 
 def main() -> None:
@@ -359,26 +402,21 @@ def main() -> None:
     source = TokenSource(model_dir, args.seed)
     report = describe(args, model_dir)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with contextlib.ExitStack() as stack:
-        stack.callback(ray.shutdown)
-        sides = launch_sides(model_dir, args.wires, stack, report)
-        print(f"launched {list(sides)} in {rounded(report['launch_s'])} s")
-        print("TTFT on idle workers ...")
-        report["ttft"] = bench_ttft(sides, args, source)
-        print("ITL of 8 decodes while long prompts arrive ...")
-        report["itl"] = bench_itl(sides, args, source)
-        report["paths"] = path_counters(sides)
-    problems = check_paths(report["paths"], args)
+    try:
+        report["figures"] = bench(model_dir, args, source)
+    finally:
+        ray.shutdown()
+    problems = [p for run in report["figures"]["repeats"] for key, value in run.items()
+                if key.endswith("path_problems") for p in value]
     report["path_problems"] = problems
     report["targets"] = {
-        f"ttft {name} / local <= {TARGET_TTFT_RATIO}":
-            report["ttft"][f"{name}_over_local"]["median"] <= TARGET_TTFT_RATIO
-        for name in (f"remote_{w}" for w in args.wires)}
+        f"ttft remote_{w} / local <= {TARGET_TTFT_RATIO}":
+            report["figures"][f"ttft_remote_{w}_over_local"]["median"] <= TARGET_TTFT_RATIO
+        for w in args.wires}
     report["wall_s"] = time.perf_counter() - start
     report["machine"]["load_average_1_5_15_min_at_end"] = os.getloadavg()
     print_table(report)
-    if problems:
-        print(f"PATH PROBLEMS: {problems}")
+    print(f"path problems: {problems or 'none'}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.json} after {report['wall_s']:.0f} s")
