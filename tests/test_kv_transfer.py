@@ -204,3 +204,17 @@ def test_send_past_its_deadline_fails_but_keeps_its_buffer_until_closed(hosts, t
     prefill.call("close_send", "late2")
     decode.call("finish", "late2", False)
     _assert_nothing_held(decode, [0])
+
+
+def test_creating_an_agent_leaves_nixl_as_found():
+    import sys
+
+    from kvtransfer import agent as agent_module
+
+    api = sys.modules[agent_module._import_nixl()[0].__module__]
+    before = api.nixlBind.nixlAgentConfig
+    agent = agent_module.Agent("delay-check", [])
+    try:
+        assert api.nixlBind.nixlAgentConfig is before
+    finally:
+        agent.close()
