@@ -16,11 +16,7 @@ back. A request's life on the remote path (DESIGN.md steps 3-6)::
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
 from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +30,8 @@ from kvtransfer.consumer import EventKind
 from pdserve import protocol
 from pdserve.protocol import Fingerprint
 from pdserve.sampling import SamplingParams
-from pdserve.transport import Connection, EventLoopThread, open_connection, resident_bytes, serve
+from pdserve.transport import Connection, open_connection, resident_bytes
+from pdserve.worker_loop import WorkerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +75,7 @@ class Counters:
     num_finished: int = 0
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerLoop):
     def __init__(self, group: RankGroup, engine: LLMEngine, options: DecodeOptions,
                  fingerprint: Fingerprint, secret: str, host: str):
         self.group = group
@@ -92,82 +89,26 @@ class DecodeWorker:
                                      options.max_prefill_queue,
                                      options.max_remote_reserved_blocks)
         self.counters = Counters()
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Connection] = {}
         self.prefills: dict[str, PrefillPeer] = {}
         self.remote: dict[str, RemotePrefill] = {}
         self.stale: dict[str, str] = {}  # request id -> owner of its old blocks
         self.attempts: Counter[str] = Counter()
         self.events = EventPublisher(options.worker_id, engine)
-        self._is_stopping = False
-        self.net = EventLoopThread(f"decode-net-{options.worker_id}")
-        server = self.net.run(serve(host, 0, fingerprint, secret, options.worker_id,
-                                    self._on_message, self._on_close))
-        self.address = (host, server.sockets[0].getsockname()[1])
-        self._server = server
-        self._thread = threading.Thread(target=self._run, name=f"decode-{options.worker_id}",
-                                        daemon=True)
-        self._thread.start()
-
-    # -- called from other threads (actor methods, the network thread) -----------------------
-
-    def control(self, kind: str, *args: Any) -> Future:
-        """Run a control command on the engine thread; the future holds its result."""
-        done: Future = Future()
-        self.inbox.put(("control", kind, args, done))
-        return done
-
-    def _on_message(self, connection: Connection, msg: Any) -> None:
-        self.inbox.put(("message", connection, msg))
-
-    def _on_close(self, connection: Connection) -> None:
-        self.inbox.put(("closed", connection))
+        self._start_loop(options.worker_id, fingerprint, secret, host)
 
     # -- the engine thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while not self._is_stopping:
-                self._drain_inbox()
-                self._poll_kv()
-                self._step()
-                self.events.publish()
-        except Exception:
-            # Crash-only: a broken worker must not linger with requests hanging on it. The
-            # process exits, the supervisor restarts the group, peers fall back.
-            logger.exception("decode worker %s: engine loop failed", self.options.worker_id)
-            os._exit(1)
+    def _iterate(self) -> None:
+        self._poll_kv()
+        self._step()
+        self.events.publish()
 
     def _wait_s(self) -> float:
         scheduler = self.engine.scheduler
         if scheduler.running or scheduler.waiting:
             return 0.0
         return _TRANSFER_WAIT_S if (self.remote or self.stale) else _IDLE_WAIT_S
-
-    def _drain_inbox(self) -> None:
-        try:
-            item = self.inbox.get(timeout=self._wait_s()) if self._wait_s() else \
-                self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(item)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _handle(self, item: tuple) -> None:
-        if item[0] == "control":
-            _, kind, args, done = item
-            try:
-                done.set_result(getattr(self, f"_control_{kind}")(*args))
-            except Exception as error:  # the caller (an actor method) re-raises it
-                done.set_exception(error)
-        elif item[0] == "message":
-            self._on_request_plane(item[1], item[2])
-        else:
-            self._connection_closed(item[1])
 
     def _on_request_plane(self, connection: Connection, msg: Any) -> None:
         if isinstance(msg, protocol.Generate):
@@ -386,14 +327,3 @@ class DecodeWorker:
             "num_subscribers": len(self.events.subscribers),
             "rss_bytes": resident_bytes(),
         }
-
-    def _control_stop(self) -> None:
-        self._is_stopping = True
-
-    def shutdown(self) -> None:
-        self.control("stop").result(timeout=30)
-        self._thread.join(timeout=30)
-        self.net.loop.call_soon_threadsafe(self._server.close)
-        self.group.stop()
-        self.rank0.close()
-        self.net.stop()

@@ -14,11 +14,7 @@ by the KV plane), never re-run on its own.
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +23,9 @@ from engine.model_runner import ModelInput, SequenceInput
 from engine.rank_group import RankGroup
 from pdserve import protocol
 from pdserve.protocol import Fingerprint, PrefillJob
-from pdserve.transport import Connection, EventLoopThread, resident_bytes, serve
-from prefill.rank import PrefillRank, Send
+from pdserve.transport import Connection, resident_bytes
+from pdserve.worker_loop import WorkerLoop
+from prefill.rank import Send
 
 logger = logging.getLogger(__name__)
 
@@ -62,89 +59,45 @@ class Job:
         return self.msg.request_id
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerLoop):
     def __init__(self, group: RankGroup, block_manager: BlockManager, options: PrefillOptions,
                  fingerprint: Fingerprint, secret: str, host: str):
         self.group = group
-        self.rank0: PrefillRank = group.worker
         self.block_manager = block_manager
         self.options = options
         self.endpoints: list[dict] = group.gather("endpoint")
         self.queue: deque[Job] = deque()
         self.active: dict[str, Job] = {}  # begun, on every rank
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.connections: dict[int, Connection] = {}
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
                       "bytes_sent": 0, "prompt_tokens_computed": 0}
-        self._is_stopping = False
-        self.net = EventLoopThread(f"prefill-net-{options.worker_id}")
-        self._server = self.net.run(serve(host, 0, fingerprint, secret, options.worker_id,
-                                          self._on_message, self._on_close))
-        self.address = (host, self._server.sockets[0].getsockname()[1])
-        self._thread = threading.Thread(target=self._run, name=f"prefill-{options.worker_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._start_loop(options.worker_id, fingerprint, secret, host)
 
     @property
     def queue_depth(self) -> int:
         return len(self.queue) + len(self.active)
 
-    def control(self, kind: str, *args: Any) -> Future:
-        done: Future = Future()
-        self.inbox.put(("control", kind, args, done))
-        return done
-
-    def _on_message(self, connection: Connection, msg: Any) -> None:
-        self.inbox.put(("message", connection, msg))
-
-    def _on_close(self, connection: Connection) -> None:
-        self.inbox.put(("closed", connection))
-
     # -- the compute thread ---------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while not self._is_stopping:
-                self._drain_inbox()
-                self._admit()
-                self._compute()
-                self._collect()
-        except Exception:
-            # Crash-only: a broken worker must not linger with requests hanging on it. The
-            # process exits, the supervisor restarts the group, peers fall back.
-            logger.exception("prefill worker %s: loop failed", self.options.worker_id)
-            os._exit(1)
+    def _iterate(self) -> None:
+        self._admit()
+        self._compute()
+        self._collect()
 
-    def _drain_inbox(self) -> None:
-        has_work = self.queue or any(not j.is_closed for j in self.active.values())
-        wait_s = 0.0 if has_work else (_SEND_WAIT_S if self.active else _IDLE_WAIT_S)
-        try:
-            item = self.inbox.get(timeout=wait_s) if wait_s else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(item)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+    def _wait_s(self) -> float:
+        if self.queue or any(not j.is_closed for j in self.active.values()):
+            return 0.0
+        return _SEND_WAIT_S if self.active else _IDLE_WAIT_S
 
-    def _handle(self, item: tuple) -> None:
-        if item[0] == "control":
-            _, kind, args, done = item
-            try:
-                done.set_result(getattr(self, f"_control_{kind}")(*args))
-            except Exception as error:
-                done.set_exception(error)
-        elif item[0] == "closed":
-            self.connections.pop(item[1].connection_id, None)
-        else:
-            connection, msg = item[1], item[2]
-            self.connections[connection.connection_id] = connection
-            if isinstance(msg, PrefillJob):
-                self._enqueue(connection, msg)
-            elif isinstance(msg, protocol.CancelJob):
-                self._cancel(connection, msg)
+    def _on_request_plane(self, connection: Connection, msg: Any) -> None:
+        self.connections[connection.connection_id] = connection
+        if isinstance(msg, PrefillJob):
+            self._enqueue(connection, msg)
+        elif isinstance(msg, protocol.CancelJob):
+            self._cancel(connection, msg)
+
+    def _connection_closed(self, connection: Connection) -> None:
+        self.connections.pop(connection.connection_id, None)
 
     def _enqueue(self, connection: Connection, msg: PrefillJob) -> None:
         reason = self._refusal(msg)
@@ -311,14 +264,3 @@ class PrefillWorker:
                 "num_blocks": self.block_manager.num_blocks,
                 "num_connections": len(self.connections), "rss_bytes": resident_bytes(),
                 "ranks": self.group.gather("counts")}
-
-    def _control_stop(self) -> None:
-        self._is_stopping = True
-
-    def shutdown(self) -> None:
-        self.control("stop").result(timeout=30)
-        self._thread.join(timeout=30)
-        self.net.loop.call_soon_threadsafe(self._server.close)
-        self.group.stop()
-        self.rank0.close()
-        self.net.stop()
