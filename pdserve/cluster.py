@@ -126,6 +126,16 @@ class Cluster:
                 f"cluster has {ray.available_resources()} free after "
                 f"{self.config.placement_timeout_s} s; lower {role}.cpus_per_rank / "
                 f"{role}.tensor_parallel_size or add nodes") from None
+        try:
+            self._start_ranks(group, role_config)
+        except BaseException:
+            self._kill(group)  # a rank that failed to start must not leave its peers behind
+            raise
+        logger.info("%s started at %s:%d", group.worker_id, *group.address)
+        return group
+
+    def _start_ranks(self, group: WorkerGroup, role_config) -> None:
+        size, placement = role_config.tensor_parallel_size, group.placement
         config = self.config.to_dict()
         for rank in range(size):
             strategy = PlacementGroupSchedulingStrategy(placement,
@@ -133,14 +143,12 @@ class Cluster:
             group.ranks.append(WorkerRank.options(
                 num_cpus=role_config.cpus_per_rank, num_gpus=role_config.gpus_per_rank,
                 scheduling_strategy=strategy, max_concurrency=8,
-                name=None).remote(role, group.worker_id, rank, size, config, self.secret))
+                name=None).remote(group.role, group.worker_id, rank, size, config, self.secret))
         host, port = ray.get(group.driver.master_address.remote())
         started = ray.get([r.start.remote(host, port) for r in group.ranks])
         group.address = tuple(started[0]["address"])
         group.endpoints = started[0]["endpoints"]
         group.lifetimes = [r.wait_stopped.remote() for r in group.ranks]
-        logger.info("%s started at %s:%d", group.worker_id, *group.address)
-        return group
 
     def _introduce_decodes(self, prefill: WorkerGroup, decodes: list[WorkerGroup]) -> None:
         endpoints = [e for d in decodes for e in d.endpoints]
