@@ -97,6 +97,33 @@ def test_long_short_and_cached_prompts_take_their_paths_and_match_hf(cluster, mo
     wait_for(lambda: is_idle(cluster), "an idle cluster")
 
 
+def test_remote_prefill_sends_only_the_blocks_decode_lacks(cluster, model, tiny_llama_dir):
+    # `seen` went remote once, so both workers cache its blocks; `local` was prefilled on
+    # decode only, so the prefill worker must recompute its prefix.
+    seen, local, tail_a, tail_b = random_prompts([80, 30, 60, 70], model.vocab_size, seed=9)
+    from_both = seen[:64] + tail_a  # decode holds 64 tokens, prefill holds them too
+    from_decode = local[:16] + tail_b  # decode holds 16 tokens, prefill holds none
+    expected = offline_greedy(tiny_llama_dir, [from_both, from_decode])
+    cluster.generate(seen, GREEDY)
+    cluster.generate(local, GREEDY)
+    for prompt, num_cached, num_prefill_computed, want in (
+            (from_both, 64, len(from_both) - 1 - 64, expected[0]),
+            (from_decode, 16, len(from_decode) - 1, expected[1])):
+        decode, prefill = _decode(cluster), _prefill(cluster)
+        result = cluster.generate(prompt, GREEDY)
+        assert result.token_ids == want
+        assert result.num_cached_tokens == num_cached
+        assert _decode(cluster)["prefills"]["remote"] == decode["prefills"]["remote"] + 1
+        assert (_decode(cluster)["prompt_tokens_computed"]
+                - decode["prompt_tokens_computed"]) == 1
+        after = _prefill(cluster)
+        assert (after["prompt_tokens_computed"] - prefill["prompt_tokens_computed"]
+                == num_prefill_computed)
+        assert (after["bytes_sent"] - prefill["bytes_sent"]
+                == _expected_bytes(model, len(prompt), num_cached))
+    wait_for(lambda: is_idle(cluster), "an idle cluster")
+
+
 def test_many_concurrent_requests_complete_and_return_every_block(cluster, model,
                                                                   tiny_llama_dir):
     lengths = [5, 120, 33, 70, 9, 47, 100, 16, 64, 21, 90, 3, 55, 40, 110, 28]
