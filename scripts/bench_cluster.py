@@ -8,10 +8,10 @@ Ray with 2 CPUs), differing only in where a long prompt is prefilled:
   the long prompts go to the prefill worker and their KV comes over NIXL on that wire; the
   short decode prompts stay local.
 
-One cluster is up at a time: every rank's NIXL agent runs a progress thread that keeps a
-core busy even when idle (``idle_cores`` below), so a second cluster would take CPU from the
-one being measured. Each repeat launches every side in turn, the order rotated by one per
-repeat, and takes on it, after two warm-up requests:
+One cluster is up at a time, so an idle cluster never takes CPU from the one being measured
+(before NIXL's progress thread was given a delay, each agent kept a core busy when idle;
+``idle_cores`` below checks it). Each repeat launches every side in turn, the order
+rotated by one per repeat, and takes on it, after two warm-up requests:
 
 1. TTFT of a long prompt on idle workers: submit to the first chunk with a token, fresh
    random prompts (no prefix-cache hit anywhere), ``--trials`` of them, the median kept.
@@ -48,6 +48,9 @@ import ray
 from pdserve.cluster import Cluster, launch
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 
+sys.path.insert(0, str(Path(__file__).parent))
+from worker_processes import idle_footprint  # noqa: E402
+
 TARGET_TTFT_RATIO = 1.15  # remote TTFT / local TTFT
 WIRES = ("fp8", "auto")
 FIRST_TOKEN_ID = 8  # ids below are the byte-level tokenizer's reserved ones
@@ -55,7 +58,6 @@ DECODE_POOL_BLOCKS = 512  # 8 decodes x 10 blocks + long prompts of 64 blocks, w
 PREFILL_POOL_BLOCKS = 256
 NUM_WARMUP_REQUESTS = 2
 SETTLE_S = 0.2  # before each TTFT trial, so it starts on idle workers
-IDLE_SAMPLE_S = 2.0
 LONG_SAMPLING = {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True}
 NUM_DECODES, DECODE_PROMPT_TOKENS, DECODE_OUTPUT_TOKENS = 8, 32, 128
 DECODE_SAMPLING = {"max_tokens": DECODE_OUTPUT_TOKENS, "temperature": 0.0, "ignore_eos": True}
@@ -113,48 +115,6 @@ def side_config(model_dir: Path, wire: str | None) -> ClusterConfig:
     prefill = PrefillConfig(num_blocks=PREFILL_POOL_BLOCKS)
     return ClusterConfig(model_dir=str(model_dir), decode=decode, prefill=prefill,
                          kv_transfer_dtype=wire or "fp8")
-
-
-def worker_pids() -> list[int]:
-    """This run's worker-rank processes: the ``ray::WorkerRank`` descendants of this one
-    (other Ray sessions on the machine have their own)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-    mine, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
-        mine |= frontier
-    return sorted(pid for pid in mine if _cmdline(pid).startswith("ray::WorkerRank"))
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return ""
-
-
-def _cpu_s(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def idle_footprint() -> dict:
-    """Cores the idle worker processes keep busy, and each one's resident memory."""
-    pids = worker_pids()
-    before = sum(_cpu_s(pid) for pid in pids)
-    time.sleep(IDLE_SAMPLE_S)
-    cores = (sum(_cpu_s(pid) for pid in pids) - before) / IDLE_SAMPLE_S
-    rss_mib = [int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-               * os.sysconf("SC_PAGE_SIZE") / 2**20 for pid in pids]
-    return {"idle_cores": cores, "worker_rss_mib": rss_mib}
 
 
 def time_request(cluster: Cluster, prompt: list[int], sampling: dict) -> tuple[float, int]:
