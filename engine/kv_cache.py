@@ -27,8 +27,17 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# Every fp8 value as float32, indexed by its bit pattern. On CPU, looking values up is about
+# twice as fast as torch's element-wise fp8 -> float conversion, and gives the same floats.
+_FP8_TO_FLOAT32 = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+    if q.device.type == "cpu":
+        values = _FP8_TO_FLOAT32[q.view(torch.uint8).int()]
+    else:
+        values = q.float()
+    return values.mul_(scale.unsqueeze(-1)).to(dtype)
 
 
 def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,

@@ -53,3 +53,16 @@ def test_pool_sizing_counts_exactly_what_the_pool_allocates():
         if cache.scales is not None:
             allocated += cache.scales.numel() * cache.scales.element_size()
         assert allocated == 5 * bytes_per_block(3, 2, 4, 16, torch.float32, kv_cache_dtype)
+
+
+def test_dequantize_fp8_gives_torchs_conversion_for_every_bit_pattern():
+    import torch
+
+    from engine.kv_cache import FP8_DTYPE, dequantize_fp8
+
+    patterns = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).view(2, 128)
+    scale = torch.tensor([0.5, 3.0])
+    expected = patterns.float() * scale.unsqueeze(-1)
+    got = dequantize_fp8(patterns, scale, torch.float32)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
