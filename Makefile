@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench bench-kvtransfer clean
+.PHONY: install test lint serve bench bench-kvtransfer bench-cluster clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: install
 
 bench-kvtransfer: install
 	$(BIN)/python scripts/bench_kvtransfer.py
+
+bench-cluster: install
+	$(BIN)/python scripts/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

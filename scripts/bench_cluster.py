@@ -49,6 +49,7 @@ from pdserve.cluster import Cluster, launch
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_stats import summarize  # noqa: E402
 from worker_processes import idle_footprint  # noqa: E402
 
 TARGET_TTFT_RATIO = 1.15  # remote TTFT / local TTFT
@@ -273,14 +274,6 @@ def bench(model_dir: Path, args, source: TokenSource) -> dict:
         run["load_average_1_min"] = os.getloadavg()[0]
         runs.append(run)
     return summarize(runs)
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Median, min and max of every float figure across repeats, plus the repeats."""
-    keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
-    summary = {k: {"median": statistics.median(r[k] for r in runs),
-                   "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in keys}
-    return {**summary, "repeats": runs}
 
 
 def rounded(figures: dict) -> dict:

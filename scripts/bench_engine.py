@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_stats import summarize
 
 from engine import LLM, ModelConfig, SamplingParams
 
@@ -171,14 +172,6 @@ def bench_throughput(llm: LLM, hf_model, args, source: TokenSource) -> dict:
                      "load_average_1_min": os.getloadavg()[0]})
         print(f"  repeat: {json.dumps({k: round(v, 2) for k, v in runs[-1].items()})}")
     return summarize(runs)
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Median, min and max of every numeric field across repeats, plus the repeats."""
-    keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
-    summary = {k: {"median": statistics.median(r[k] for r in runs),
-                   "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in keys}
-    return {**summary, "repeats": runs}
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
-
 from engine.llm import LLM
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 from pdserve.sampling import SamplingParams
+from tests.kv_host import wait_for  # noqa: F401 (re-exported for the cluster tests)
 
-WAIT_S = 120.0
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 NUM_BLOCKS = 96
 BLOCK_SIZE = 16
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-    """Poll ``condition`` until truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def cluster_config(model_dir, decode_tp: int = 1, prefill_tp: int = 1,
