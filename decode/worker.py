@@ -15,6 +15,7 @@ back. A request's life on the remote path (DESIGN.md steps 3-6)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,7 +70,6 @@ class RemotePrefill:
 
 @dataclass(slots=True)
 class Counters:
-    decisions: Counter = field(default_factory=Counter)
     prefills: Counter = field(default_factory=Counter)  # local / remote / fallback
     prompt_tokens_computed: int = 0
     num_finished: int = 0
@@ -92,8 +92,11 @@ class DecodeWorker(WorkerLoop):
         self.streams: dict[str, Connection] = {}
         self.prefills: dict[str, PrefillPeer] = {}
         self.remote: dict[str, RemotePrefill] = {}
-        self.stale: dict[str, str] = {}  # request id -> owner of its old blocks
-        self.attempts: Counter[str] = Counter()
+        # request id -> (owner of its parked blocks, the attempt they were parked for)
+        self.stale: dict[str, tuple[str, int]] = {}
+        # Attempt numbers are unique across requests, so no notice can ever match the
+        # wrong attempt, and nothing per request outlives it.
+        self._attempts = itertools.count(1)
         self.events = EventPublisher(options.worker_id, engine)
         self._start_loop(options.worker_id, fingerprint, secret, host)
 
@@ -121,9 +124,8 @@ class DecodeWorker(WorkerLoop):
             self._job_reply(connection.peer, msg)
         elif isinstance(msg, protocol.CancelJobReply):
             self._set_depth(connection.peer, msg.queue_depth)
-            remote_attempt = self.attempts[msg.request_id]
-            if not msg.is_writing and msg.request_id in self.stale and \
-                    msg.attempt == remote_attempt:
+            parked = self.stale.get(msg.request_id)
+            if not msg.is_writing and parked is not None and parked[1] == msg.attempt:
                 self.rank0.consumer.release(msg.request_id)
         elif isinstance(msg, protocol.QueueDepth):
             self._set_depth(connection.peer, msg.queue_depth)
@@ -178,8 +180,7 @@ class DecodeWorker(WorkerLoop):
             return False
         first = request.num_cached_tokens // self.engine.block_manager.block_size
         pool_blocks = block_ids[first:]
-        self.attempts[request_id] += 1
-        attempt = self.attempts[request_id]
+        attempt = next(self._attempts)
         timeout_s = self.options.remote_prefill_timeout_s
         targets = self.group.call("expect", request_id, attempt, pool_blocks, peer.agents,
                                   timeout_s)
@@ -222,7 +223,7 @@ class DecodeWorker(WorkerLoop):
         if peer is not None and peer.is_healthy:
             peer.connection.send(protocol.CancelJob(request_id, remote.attempt))
         owner = f"{request_id}#attempt{remote.attempt}"
-        self.stale[request_id] = owner
+        self.stale[request_id] = (owner, remote.attempt)
         self.engine.scheduler.take_back_remote(request_id, owner)
         if requeue:
             self.counters.prefills["fallback"] += 1
@@ -230,11 +231,11 @@ class DecodeWorker(WorkerLoop):
                         request_id, reason)
 
     def _released(self, request_id: str) -> None:
-        owner = self.stale.pop(request_id, None)
-        if owner is None:
+        parked = self.stale.pop(request_id, None)
+        if parked is None:
             raise RuntimeError(f"RELEASED for request {request_id!r} that is not parked")
         self.group.call("finish_kv", request_id, False)
-        self.engine.block_manager.free(owner)
+        self.engine.block_manager.free(parked[0])
 
     def _abort(self, request_id: str, reason: str) -> None:
         if request_id in self.remote:
