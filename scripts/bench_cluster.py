@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,7 +47,7 @@ from pdserve.cluster import Cluster, launch
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_stats import summarize  # noqa: E402
+from bench_stats import cpu_name, git_commit, summarize  # noqa: E402
 from worker_processes import idle_footprint  # noqa: E402
 
 TARGET_TTFT_RATIO = 1.15  # remote TTFT / local TTFT
@@ -281,28 +279,11 @@ def rounded(figures: dict) -> dict:
             if not isinstance(v, list | dict) or k == "path_problems"}
 
 
-def git_commit() -> str:
-    """HEAD of this checkout, "+dirty" with uncommitted edits to the serving code."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "pdserve",
-                                "decode", "prefill", "kvtransfer"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def describe(args, model_dir: Path) -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     return {
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "git_commit": git_commit(),
+        "git_commit": git_commit("engine", "pdserve", "decode", "prefill", "kvtransfer"),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "ray_num_cpus": 2,
                     "load_average_1_5_15_min_at_start": os.getloadavg(),
                     "ray": ray.__version__},

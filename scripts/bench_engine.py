@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_stats import summarize
+from bench_stats import cpu_name, git_commit, summarize
 
 from engine import LLM, ModelConfig, SamplingParams
 
@@ -271,29 +269,13 @@ def bench_decode(llm: LLM, config: ModelConfig, args, source: TokenSource) -> di
     return result
 
 
-def git_commit() -> str:
-    """HEAD of the checkout the engine was imported from, "+dirty" with uncommitted edits."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "pdserve"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def describe(config: ModelConfig, hf_model, threads: int) -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     import transformers
 
     return {
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "git_commit": git_commit(),
+        "git_commit": git_commit("engine", "pdserve"),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
                     "load_average_1_5_15_min_at_start": os.getloadavg(),
                     "torch": torch.__version__, "transformers": transformers.__version__},
