@@ -136,7 +136,7 @@ class DecodeWorker(WorkerLoop):
 
     def _generate(self, connection: Connection, msg: protocol.Generate) -> None:
         request_id = msg.request_id
-        if request_id in self.streams or request_id in self.stale:
+        if request_id in self.stale:  # (the engine refuses ids it is running)
             connection.send(protocol.TokenChunk(request_id, [], True, "",
                                                 f"request_id {request_id!r} is in use"))
             return

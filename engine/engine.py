@@ -110,12 +110,14 @@ def plan_runner(model_dir: str | Path, config: EngineConfig) -> RunnerOptions:
 class LLMEngine:
     """One engine: a scheduler and block manager on rank 0 driving every TP rank's model."""
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig, executor=None):
+    def __init__(self, model_dir: str | Path, config: EngineConfig, executor=None,
+                 options: RunnerOptions | None = None):
         """``executor`` (anything with ``execute(batch) -> logits`` and ``shutdown()``)
-        replaces the engine's own; a serving worker passes its rank group's."""
+        replaces the engine's own, and ``options`` its pool plan: a serving worker passes
+        its rank group's, planned once on rank 0."""
         self.model_dir = str(model_dir)
         self.config = config
-        options = plan_runner(model_dir, config)
+        options = options or plan_runner(model_dir, config)
         self.model_config = options.model
         self.num_blocks, self.max_model_len = options.num_blocks, options.max_model_len
         device = options.device

@@ -67,22 +67,21 @@ class WorkerRank:
         return self.config.decode if self.role == "decode" else self.config.prefill
 
     def _plan(self):
-        from engine.config import EngineConfig
         from engine.engine import plan_runner
 
-        return plan_runner(self.config.model_dir, self._engine_config(EngineConfig))
+        return plan_runner(self.config.model_dir, self._engine_config())
 
-    def _engine_config(self, engine_config_class, **overrides):
+    def _engine_config(self):
+        from engine.config import EngineConfig
+
         role = self._role_config()
-        fields = dict(
+        return EngineConfig(
             block_size=self.config.block_size, num_blocks=role.num_blocks,
             max_num_batched_tokens=role.max_num_batched_tokens, max_num_seqs=role.max_num_seqs,
             max_model_len=self.config.max_model_len, kv_cache_dtype=role.kv_cache_dtype,
             enable_prefix_caching=role.enable_prefix_caching, dtype=self.config.dtype,
             device=self.config.device, tensor_parallel_size=self.size,
             num_threads=self.config.num_threads, seed=self.config.seed)
-        fields.update(overrides)
-        return engine_config_class(**fields)
 
     def _build_rank(self, options):
         from engine.parallel import TensorParallel
@@ -113,12 +112,10 @@ class WorkerRank:
 
     def _build_decode(self, options, group, fingerprint, host):
         from decode.worker import DecodeOptions, DecodeWorker
-        from engine.config import EngineConfig
         from engine.engine import LLMEngine
 
-        config = self._engine_config(EngineConfig, num_blocks=options.num_blocks,
-                                     max_model_len=options.max_model_len)
-        engine = LLMEngine(self.config.model_dir, config, executor=_GroupExecutor(group))
+        engine = LLMEngine(self.config.model_dir, self._engine_config(),
+                           executor=_GroupExecutor(group), options=options)
         role = self.config.decode
         decode_options = DecodeOptions(
             self.worker_id, role.disagg_mode, role.max_local_prefill_tokens,

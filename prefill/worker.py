@@ -50,6 +50,7 @@ class Job:
     num_computed: int = 0
     next_block: int = 0  # the next block to send
     is_cancelled: bool = False
+    is_failed: bool = False  # a rank's send failed (deadline, dead peer): stopped like a cancel
     is_closed: bool = False  # finish or cancel sent to every rank
     num_results: int = 0
     num_bytes: int = 0
@@ -229,7 +230,7 @@ class PrefillWorker(WorkerLoop):
                 job.num_bytes += num_bytes
                 if not ok and not job.is_closed:
                     logger.info("request %s: send failed (%s)", request_id, reason)
-                    job.is_cancelled = True
+                    job.is_cancelled = job.is_failed = True
         for job in [j for j in self.active.values()
                     if j.is_closed and j.num_results == self.group.size]:
             self._retire(job)
@@ -238,7 +239,8 @@ class PrefillWorker(WorkerLoop):
         del self.active[job.request_id]
         self.block_manager.free(job.request_id)
         self.stats["bytes_sent"] += job.num_bytes
-        kind = "jobs_cancelled" if job.is_cancelled else "jobs_done"
+        kind = ("jobs_failed" if job.is_failed else
+                "jobs_cancelled" if job.is_cancelled else "jobs_done")
         self.stats[kind] += 1
         logger.debug("request %s: prefill job ended (%s, %d bytes)", job.request_id, kind,
                      job.num_bytes)
