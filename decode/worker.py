@@ -323,6 +323,7 @@ class DecodeWorker(WorkerLoop):
             "num_streams": len(self.streams),
             "num_free_blocks": self.engine.block_manager.num_free_blocks,
             "num_blocks": self.engine.block_manager.num_blocks,
+            "max_model_len": self.engine.max_model_len,
             "ranks": self.group.gather("counts"),
             "prefill_peers": {p.prefill_id: p.is_healthy for p in self.prefills.values()},
             "num_subscribers": len(self.events.subscribers),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,14 @@ class Cluster:
         except BaseException:
             self._kill_all()
             raise
+        self._decode_watchers: list[tuple[Callable, Callable]] = []
         self.client = RequestPlaneClient(self.fingerprint, self.secret)
         for decode in self.decodes:
             self.client.add_decode(decode.worker_id, decode.address)
+        decode_stats = self.stats("decode").values()
+        # what the router needs: the longest request every decode worker takes, and slots
+        self.max_model_len = min(s["max_model_len"] for s in decode_stats)
+        self.max_running = config.decode.num_workers * config.decode.max_num_seqs
         self._supervisor = threading.Thread(target=self._supervise, name="pdserve-supervisor",
                                             daemon=True)
         self._supervisor.start()
@@ -189,12 +195,16 @@ class Cluster:
                 for prefill in self.prefills:
                     ray.get(prefill.driver.control.remote("lose_decode", dead.agents))
                 self.client.remove_decode(dead.worker_id)
+                for _, removed in list(self._decode_watchers):
+                    removed(dead.worker_id)
                 new = self._start_group("decode", dead.index, dead.incarnation + 1)
                 self.decodes[self.decodes.index(dead)] = new
                 for prefill in self.prefills:
                     self._introduce_decodes(prefill, [new])
                 self._introduce_prefills(new, self.prefills)
                 self.client.add_decode(new.worker_id, new.address)
+                for added, _ in list(self._decode_watchers):
+                    added(new.worker_id, new.address)
             self.num_restarts += 1
 
     def _kill(self, group: WorkerGroup) -> None:
@@ -226,6 +236,27 @@ class Cluster:
         with self._lock:
             groups = [g for g in self.decodes + self.prefills if role in (None, g.role)]
             return {g.worker_id: ray.get(g.driver.control.remote("stats")) for g in groups}
+
+    def decode_addresses(self) -> list[tuple[str, tuple[str, int]]]:
+        """(worker id, request-plane address) of every decode worker."""
+        with self._lock:
+            return [(g.worker_id, g.address) for g in self.decodes]
+
+    def watch_decodes(self, added: Callable[[str, tuple[str, int]], None],
+                      removed: Callable[[str], None]) -> None:
+        """Be told (on the supervisor thread) when a decode worker is replaced: ``removed``
+        with the dead worker's id, then ``added`` with its successor's id and address."""
+        with self._lock:
+            self._decode_watchers.append((added, removed))
+
+    def unwatch_decodes(self, added: Callable, removed: Callable) -> None:
+        with self._lock:
+            self._decode_watchers.remove((added, removed))
+
+    def kill_decode_rank(self, index: int, rank: int = 0) -> None:
+        """Kill one decode rank's process, as a crash would."""
+        with self._lock:
+            ray.kill(self.decodes[index].ranks[rank], no_restart=True)
 
     def prefill_driver(self, index: int = 0) -> Any:
         """Rank 0's actor of prefill worker ``index`` (tests use its hold hook)."""

@@ -98,6 +98,43 @@ class PrefillConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """The HTTP front door: where it listens, how much it admits, how it picks a worker.
+
+    Up to ``max_running`` requests are in flight to the workers (None: every decode worker's
+    ``max_num_seqs``); up to ``max_queue`` more wait in a priority queue; beyond that a
+    request is answered 429. ``kv_weight`` weighs the blocks a worker would have to prefill
+    against the blocks its running requests hold (0: load only).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_running: int | None = None
+    max_queue: int = 256
+    kv_weight: float = 1.0
+    drain_timeout_s: float = 30.0
+    tokenizer_threads: int = 2
+    served_model_name: str | None = None  # None: the model directory's name
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            _fail("router.host", self.host, "a host name or address")
+        _check_int("router.port", self.port, 0)
+        if self.port > 65535:
+            _fail("router.port", self.port, "<= 65535")
+        _check_int("router.max_running", self.max_running, 1, optional=True)
+        _check_int("router.max_queue", self.max_queue, 0)
+        _check_number("router.kv_weight", self.kv_weight, 0, strict=False)
+        _check_number("router.drain_timeout_s", self.drain_timeout_s, 0, strict=False)
+        _check_int("router.tokenizer_threads", self.tokenizer_threads, 1)
+        if self.served_model_name is not None and (
+                not isinstance(self.served_model_name, str) or not self.served_model_name):
+            _fail("router.served_model_name", self.served_model_name, "a non-empty string")
+        _check_int("router.retry_after_s", self.retry_after_s, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """The whole cluster: both roles plus what must agree across it (block size, wire, model).
 
@@ -108,6 +145,7 @@ class ClusterConfig:
     model_dir: str
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     prefill: PrefillConfig = dataclasses.field(default_factory=PrefillConfig)
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     kv_transfer_dtype: str = "fp8"
     block_size: int = 16  # one value across the cluster: blocks move between pools as-is
     dtype: str = "auto"
@@ -124,6 +162,7 @@ class ClusterConfig:
             _fail("model_dir", self.model_dir, "a non-empty string: the model directory")
         _check_section("decode", self.decode, DecodeConfig)
         _check_section("prefill", self.prefill, PrefillConfig)
+        _check_section("router", self.router, RouterConfig)
         _check_choice("kv_transfer_dtype", self.kv_transfer_dtype, KV_TRANSFER_DTYPES)
         _check_int("block_size", self.block_size, 1)
         _check_choice("dtype", self.dtype, MODEL_DTYPES)
@@ -160,11 +199,13 @@ class ClusterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
-        """From plain data (parsed YAML) with ``decode`` and ``prefill`` as nested mappings."""
+        """From plain data (parsed YAML) with ``decode``, ``prefill`` and ``router`` as nested
+        mappings."""
         values = _known_keys(cls, data, "")
         if "model_dir" not in values:
             raise ValueError("cluster config needs model_dir: the model checkpoint directory")
-        for role, role_class in (("decode", DecodeConfig), ("prefill", PrefillConfig)):
+        for role, role_class in (("decode", DecodeConfig), ("prefill", PrefillConfig),
+                                 ("router", RouterConfig)):
             if role in values:
                 values[role] = role_class(**_known_keys(role_class, values[role], f"{role}."))
         return cls(**values)

@@ -1,0 +1,209 @@
+"""The HTTP front door: FastAPI routes over a ``Router``, OpenAI-compatible.
+
+Every response carries ``X-Request-Id`` (the client's, or a new one) and every refusal an
+OpenAI-style error body. A streamed response whose worker fails ends with an error event and
+``[DONE]``; a client that goes away cancels its request all the way down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.openai_api import (
+    APIError,
+    GenerateRequest,
+    bad_request,
+    chunk,
+    full_response,
+    parse_chat,
+    parse_completion,
+    usage,
+    usage_chunk,
+)
+from router.service import Generation, Outcome, Router
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_PUBLIC_PATHS = ("/health",)
+
+
+def build_app(router: Router, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="pdserve", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        body = APIError(error.status_code, str(error.detail)).body()
+        return JSONResponse(body, error.status_code, headers=_id_header(request))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if router.is_ready:
+            return JSONResponse({"status": "ok", "workers": router.links.ready_workers})
+        reason = "draining" if router.is_draining else "no decode worker is ready"
+        return JSONResponse({"status": reason}, 503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = await router.metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": router.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
+            "max_model_len": router.max_model_len}]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(router, request, parse_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(router, request, parse_chat)
+
+    if api_key is not None:
+        app.add_middleware(_RequireAPIKey, api_key=api_key)
+    return app
+
+
+class _RequireAPIKey:
+    """Every route but /health needs ``Authorization: Bearer <key>`` (plain ASGI: it must not
+    buffer streamed responses)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in _PUBLIC_PATHS:
+            headers = dict(scope["headers"])
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                error = APIError(401, "a valid API key is required: send 'Authorization: "
+                                      "Bearer <key>'", code="invalid_api_key")
+                response = JSONResponse(error.body(), 401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _generate(router: Router, http: Request,
+                    parse: Callable[[object], GenerateRequest]) -> Response:
+    arrived_s = time.perf_counter()
+    request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
+    headers = {"X-Request-Id": request_id}
+    try:
+        if not _REQUEST_ID.fullmatch(request_id):
+            raise bad_request("X-Request-Id must be 1-128 of [A-Za-z0-9._:-]", "X-Request-Id")
+        request = parse(await _json_body(http))
+        generation = await _until_disconnect(http, router.open(request, request_id,
+                                                                arrived_s))
+    except APIError as error:
+        if error.status in (429, 503):
+            headers["Retry-After"] = str(router.config.retry_after_s)
+        if error.status < 500 and error.status != 429:
+            router.metrics.requests.inc(labels=("invalid",))
+        return JSONResponse(error.body(), error.status, headers=headers)
+    if generation is None:  # the client left while waiting
+        return Response(status_code=499, headers=headers)
+    if request.stream:
+        return StreamingResponse(_sse(generation), media_type="text/event-stream",
+                                 headers=headers | {"Cache-Control": "no-cache"})
+    try:
+        result = await _until_disconnect(http, _collect(generation))
+    except APIError as error:
+        return JSONResponse(error.body(), error.status, headers=headers)
+    finally:
+        generation.close()
+    if result is None:
+        return Response(status_code=499, headers=headers)
+    text, outcome = result
+    body = full_response(request, request_id, text, outcome.finish_reason, _usage(outcome))
+    return JSONResponse(body, headers=headers)
+
+
+async def _json_body(http: Request) -> object:
+    raw = await http.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON: {error}",
+                          code="invalid_json") from None
+
+
+async def _collect(generation: Generation) -> tuple[str, Outcome]:
+    parts: list[str] = []
+    async for event in generation.events():
+        if isinstance(event, Outcome):
+            return "".join(parts), event
+        parts.append(event)
+    raise RuntimeError("a generation ended without an outcome")
+
+
+async def _sse(generation: Generation) -> AsyncIterator[str]:
+    request, request_id = generation.request, generation.handle.request_id
+    created = generation.created
+    try:
+        if request.kind == "chat":
+            yield _event(chunk(request, request_id, created, None, role=True))
+        async for event in generation.events():
+            if isinstance(event, Outcome):
+                yield _event(chunk(request, request_id, created,
+                                   None if request.kind == "chat" else "",
+                                   event.finish_reason))
+                if request.include_usage:
+                    yield _event(usage_chunk(request, request_id, created, _usage(event)))
+            else:
+                yield _event(chunk(request, request_id, created, event))
+    except APIError as error:
+        yield _event(error.body())
+    finally:
+        generation.close()
+    yield "data: [DONE]\n\n"
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _usage(outcome: Outcome) -> dict:
+    return usage(outcome.num_prompt_tokens, outcome.num_output_tokens,
+                 outcome.num_cached_tokens)
+
+
+async def _until_disconnect(http: Request, work):
+    """``work``'s result, or None (and ``work`` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        result = await task
+    except (asyncio.CancelledError, APIError):
+        return None
+    if isinstance(result, Generation):  # it got in just before being cancelled
+        result.close()
+    return None
+
+
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _id_header(request: Request) -> dict:
+    request_id = request.headers.get("x-request-id", "")
+    return {"X-Request-Id": request_id} if _REQUEST_ID.fullmatch(request_id) else {}

@@ -1,0 +1,103 @@
+"""Run the HTTP router on uvicorn (uvloop, httptools) in front of a running cluster.
+
+SIGTERM or Ctrl-C drains: /health turns 503 and new requests are refused with 503, the
+requests in flight run to their end (up to ``router.drain_timeout_s``), then the server
+stops. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from pdserve.config import RouterConfig
+from pdserve.protocol import Fingerprint
+from router.app import build_app
+from router.service import Router
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, router: Router, drain_timeout_s: float):
+        super().__init__(config)
+        self.router, self.drain_timeout_s = router, drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.router.is_draining:  # asked twice: stop now
+            self.force_exit = self.should_exit = True
+            return
+        self.router.is_draining = True
+        logger.warning("pdserve: draining (%d requests in flight; up to %.0f s); "
+                       "signal again to stop at once", self.router.num_in_flight,
+                       self.drain_timeout_s)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    def drain(self) -> None:
+        """From any thread: what SIGTERM does."""
+        self.handle_exit(signal.SIGTERM, None)
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self.router.wait_idle(), self.drain_timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("pdserve: %d requests still running after %.0f s; stopping",
+                           self.router.num_in_flight, self.drain_timeout_s)
+        self.should_exit = True
+
+
+async def run_router(cluster, config: RouterConfig, api_key: str | None,
+                     on_started: Callable[[DrainingServer], None] | None = None) -> None:
+    """Serve until drained; the cluster is the caller's to shut down."""
+    router = Router(cluster.config.model_dir, config, cluster.fingerprint, cluster.secret,
+                    block_size=cluster.config.block_size, max_model_len=cluster.max_model_len,
+                    max_running=config.max_running or cluster.max_running,
+                    worker_stats=cluster.stats)
+    loop = asyncio.get_running_loop()
+    for worker_id, address in cluster.decode_addresses():
+        await router.links.add(worker_id, address)
+
+    def added(worker_id: str, address: tuple[str, int]) -> None:  # supervisor thread
+        asyncio.run_coroutine_threadsafe(router.links.add(worker_id, address), loop).result(60)
+
+    def removed(worker_id: str) -> None:
+        loop.call_soon_threadsafe(router.links.remove, worker_id)
+
+    cluster.watch_decodes(added, removed)
+    server = DrainingServer(uvicorn.Config(
+        build_app(router, api_key), host=config.host, port=config.port, http="httptools",
+        lifespan="off", log_level="warning", access_log=False,
+        timeout_graceful_shutdown=5), router, config.drain_timeout_s)
+    if on_started is not None:
+        on_started(server)
+    try:
+        await server.serve()
+    finally:
+        cluster.unwatch_decodes(added, removed)
+        router.close()
+
+
+def serve_forever(cluster, config: RouterConfig, api_key: str | None,
+                  on_started: Callable[[DrainingServer], None] | None = None) -> None:
+    """Block serving HTTP on a uvloop event loop in this thread."""
+    import uvloop
+
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("serve_forever must run in the main thread (it handles signals)")
+    uvloop.run(run_router(cluster, config, api_key, on_started))
+
+
+def fingerprint_of(cluster) -> Fingerprint:
+    return cluster.fingerprint

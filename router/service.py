@@ -1,0 +1,234 @@
+"""The router's core, below HTTP: tokenize, admit, pick a worker, stream text back.
+
+``Router.open`` does everything that can refuse a request (tokenizing in a thread pool,
+length checks, admission, the choice of worker) and returns a ``Generation`` whose
+``events()`` yield text deltas and then an ``Outcome``. Whatever way a generation ends (its
+last chunk, a stop string, the client going away, an error), its worker request is
+cancelled or finished and its admission slot released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.checkpoint_files import read_json
+from pdserve.config import RouterConfig
+from pdserve.hashing import hash_blocks
+from pdserve.protocol import Fingerprint
+from pdserve.tokenizer import Tokenizer
+from router.admission import Admission, QueueFull
+from router.detokenizer import TextStream
+from router.kv_index import KVIndex
+from router.openai_api import APIError, GenerateRequest, bad_request
+from router.router_metrics import RouterMetrics
+from router.workers import DecodeLinks, NoWorker, RequestHandle
+
+logger = logging.getLogger(__name__)
+
+MAX_INDEX_BLOCKS_PER_WORKER = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    finish_reason: str  # "stop" or "length"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+class Router:
+    def __init__(self, model_dir: str, config: RouterConfig, fingerprint: Fingerprint,
+                 secret: str, *, block_size: int, max_model_len: int, max_running: int,
+                 worker_stats: Callable[[], dict] | None = None):
+        self.config = config
+        self.model_name = config.served_model_name or Path(model_dir).name
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.vocab_size = read_json(Path(model_dir) / "config.json")["vocab_size"]
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.index = KVIndex(block_size, config.kv_weight, MAX_INDEX_BLOCKS_PER_WORKER)
+        self.links = DecodeLinks(fingerprint, secret, self.index)
+        self.admission = Admission(max_running, config.max_queue)
+        self.metrics = RouterMetrics(self, worker_stats)
+        self.pool = ThreadPoolExecutor(config.tokenizer_threads, "pdserve-tokenizer")
+        self.is_draining = False
+        self.num_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def is_ready(self) -> bool:
+        return not self.is_draining and bool(self.links.ready_workers)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def close(self) -> None:
+        self.links.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def open(self, request: GenerateRequest, request_id: str,
+                   arrived_s: float) -> Generation:
+        """Admit and start ``request``; ``APIError`` when it is refused."""
+        if request.model != self.model_name:
+            raise APIError(404, f"the model '{request.model}' does not exist; this server "
+                                f"serves '{self.model_name}'", "model", code="model_not_found")
+        if self.is_draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        self._begin()
+        try:
+            return await self._open(request, request_id, arrived_s)
+        except BaseException:
+            self._end()
+            raise
+
+    async def _open(self, request: GenerateRequest, request_id: str,
+                    arrived_s: float) -> Generation:
+        loop = asyncio.get_running_loop()
+        prompt_token_ids, block_hashes = await loop.run_in_executor(
+            self.pool, self._tokenize, request)
+        max_tokens = self._max_tokens(request, len(prompt_token_ids))
+        try:
+            await self.admission.acquire(request.priority)
+        except QueueFull as error:
+            self.metrics.requests.inc(labels=("rejected",))
+            raise APIError(429, f"the server is at capacity: {error}; retry later",
+                           code="overloaded") from None
+        try:
+            handle = self.links.submit(request_id, prompt_token_ids,
+                                       request.sampling(max_tokens), request.priority,
+                                       block_hashes)
+        except NoWorker as error:
+            self.admission.release()
+            raise APIError(503, f"{error}; retry later", code="no_worker") from None
+        except ValueError as error:
+            self.admission.release()
+            raise bad_request(str(error), "X-Request-Id") from None
+        return Generation(self, request, handle, len(prompt_token_ids), arrived_s)
+
+    def _tokenize(self, request: GenerateRequest) -> tuple[list[int], list[int]]:
+        """In the thread pool: the prompt's token ids and block hashes."""
+        if request.prompt_token_ids is not None:
+            token_ids = request.prompt_token_ids
+            bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"prompt holds token id {bad}, outside the vocabulary "
+                                  f"[0, {self.vocab_size})", "prompt")
+        elif request.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages)
+            except ValueError as error:
+                raise bad_request(str(error), "messages") from None
+            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            token_ids = self.tokenizer.encode(request.prompt_text)
+        if not token_ids:
+            raise bad_request("the prompt has no tokens", "prompt")
+        return token_ids, hash_blocks(token_ids, self.block_size)
+
+    def _max_tokens(self, request: GenerateRequest, num_prompt_tokens: int) -> int:
+        room = self.max_model_len - num_prompt_tokens
+        param = "messages" if request.kind == "chat" else "prompt"
+        if room < 1:
+            raise bad_request(f"this model's maximum context length is {self.max_model_len} "
+                              f"tokens, and the prompt has {num_prompt_tokens}: shorten it",
+                              param, "context_length_exceeded")
+        if request.max_tokens is None:
+            return room
+        if request.max_tokens > room:
+            raise bad_request(f"this model's maximum context length is {self.max_model_len} "
+                              f"tokens; the prompt has {num_prompt_tokens} and max_tokens is "
+                              f"{request.max_tokens}: lower max_tokens to at most {room}",
+                              "max_tokens", "context_length_exceeded")
+        return request.max_tokens
+
+    def _begin(self) -> None:
+        self.num_in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.num_in_flight -= 1
+        if self.num_in_flight == 0:
+            self._idle.set()
+
+
+class Generation:
+    """A started request: ``events()`` yields text deltas, then one ``Outcome``."""
+
+    def __init__(self, router: Router, request: GenerateRequest, handle: RequestHandle,
+                 num_prompt_tokens: int, arrived_s: float):
+        self.router, self.request, self.handle = router, request, handle
+        self.num_prompt_tokens = num_prompt_tokens
+        self.arrived_s = arrived_s
+        self.created = int(time.time())
+        self._is_closed = False
+
+    async def events(self) -> AsyncIterator[str | Outcome]:
+        router, handle, metrics = self.router, self.handle, self.router.metrics
+        text = TextStream(router.tokenizer, self.request.stop)
+        num_output_tokens = num_cached_tokens = 0
+        last_token_s = None
+        status = "cancelled"
+        try:
+            while True:
+                chunk = await handle.chunks.get()
+                now = time.perf_counter()
+                if chunk.error:
+                    status = "error"
+                    raise self._failure(chunk.error)
+                num_cached_tokens = max(num_cached_tokens, chunk.num_cached_tokens)
+                if chunk.token_ids:
+                    if last_token_s is None:
+                        metrics.ttft.observe(now - self.arrived_s)
+                    else:
+                        metrics.itl.observe(now - last_token_s)
+                    last_token_s = now
+                    num_output_tokens += len(chunk.token_ids)
+                    delta = text.push(chunk.token_ids)
+                    if delta:
+                        yield delta
+                    if text.stopped:
+                        router.links.cancel(handle)
+                        finish_reason = "stop"
+                        break
+                if chunk.finished:
+                    router.links.finish(handle)
+                    if chunk.finish_reason not in ("stop", "length"):
+                        status = "error"
+                        raise self._failure(f"the request ended: {chunk.finish_reason}")
+                    finish_reason = chunk.finish_reason
+                    break
+            tail = text.finish()
+            if tail:
+                yield tail
+            metrics.e2e.observe(time.perf_counter() - self.arrived_s)
+            metrics.cached_tokens.inc(num_cached_tokens)
+            self.close("success")  # now: the caller may stop iterating at the outcome
+            yield Outcome(finish_reason, self.num_prompt_tokens, num_output_tokens,
+                          num_cached_tokens)
+        finally:
+            self.close(status)
+
+    def close(self, status: str = "cancelled") -> None:
+        """Idempotent: cancel the worker request if it still runs, give the slot back."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        if not self.handle.is_done:
+            self.router.links.cancel(self.handle)
+        self.router.admission.release()
+        self.router.metrics.requests.inc(labels=(status,))
+        self.router._end()
+
+    def _failure(self, message: str) -> APIError:
+        """A 5xx: a streamed response sends it as an error event."""
+        logger.warning("request %s failed on %s: %s", self.handle.request_id,
+                       self.handle.worker_id, message)
+        status = 503 if "went away" in message else 500
+        return APIError(status, f"the request failed on the worker: {message}",
+                        code="worker_error")

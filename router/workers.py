@@ -1,0 +1,165 @@
+"""The router's links to decode workers, on the router's event loop.
+
+Each link is a request-plane connection that carries ``Generate``/``Cancel`` out and token
+chunks, KV events and load back; the KV events feed the ``KVIndex`` that picks a worker.
+When a link closes, a request that has not produced a token yet is sent to another worker
+(nothing was streamed, so nothing is lost); one that has ends with an error chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from pdserve import protocol
+from pdserve.protocol import Fingerprint, TokenChunk
+from pdserve.transport import Connection, open_connection
+from router.kv_index import KVIndex
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Link:
+    worker_id: str
+    connection: Connection
+    is_synced: bool = False  # its KV snapshot has arrived: it is ready for requests
+
+
+@dataclass(slots=True)
+class RequestHandle:
+    """One request on a worker: its chunks arrive on ``chunks``; the last has ``finished``."""
+
+    request_id: str
+    generate: protocol.Generate
+    block_hashes: list[int]
+    worker_id: str = ""
+    num_tokens_received: int = 0
+    is_done: bool = False
+    chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class NoWorker(Exception):
+    """No decode worker is connected and ready."""
+
+
+class DecodeLinks:
+    def __init__(self, fingerprint: Fingerprint, secret: str, index: KVIndex):
+        self.fingerprint, self.secret = fingerprint, secret
+        self.index = index
+        self.links: dict[str, Link] = {}
+        self.requests: dict[str, RequestHandle] = {}
+        self.num_resubmitted = 0
+
+    @property
+    def ready_workers(self) -> list[str]:
+        return sorted(w for w, link in self.links.items() if link.is_synced)
+
+    async def add(self, worker_id: str, address: tuple[str, int]) -> None:
+        connection = await open_connection(address[0], address[1], "router", self.fingerprint,
+                                           self.secret, self._on_message, self._on_close)
+        self.links[worker_id] = Link(worker_id, connection)
+        self.index.add_worker(worker_id)
+        connection.send(protocol.Subscribe())
+        logger.info("router: linked to %s at %s:%d", worker_id, *address)
+
+    def remove(self, worker_id: str) -> None:
+        link = self.links.get(worker_id)
+        if link is not None:
+            link.connection.close()  # _on_close moves or fails its requests
+
+    def close(self) -> None:
+        for link in list(self.links.values()):
+            link.connection.close()
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: dict,
+               priority: int, block_hashes: list[int]) -> RequestHandle:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        handle = RequestHandle(request_id, protocol.Generate(
+            request_id, prompt_token_ids, sampling, priority), block_hashes)
+        self._send(handle)
+        self.requests[request_id] = handle
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Stop the request on its worker (which cancels its remote prefill and frees its
+        blocks); its remaining chunks are dropped."""
+        self._forget(handle)
+        link = self.links.get(handle.worker_id)
+        if link is not None:
+            link.connection.send(protocol.Cancel(handle.request_id))
+
+    def finish(self, handle: RequestHandle) -> None:
+        self._forget(handle)
+
+    def _forget(self, handle: RequestHandle) -> None:
+        if not handle.is_done:
+            handle.is_done = True
+            self.requests.pop(handle.request_id, None)
+            self.index.finish_request(handle.request_id)
+
+    def _send(self, handle: RequestHandle, exclude: str = "") -> None:
+        candidates = [w for w in self.ready_workers if w != exclude]
+        if not candidates:
+            raise NoWorker("no decode worker is ready")
+        worker_id = self.index.choose(handle.block_hashes, candidates)
+        handle.worker_id = worker_id
+        self.index.start_request(worker_id, handle.request_id,
+                                 len(handle.generate.prompt_token_ids))
+        self.links[worker_id].connection.send(handle.generate)
+
+    # -- from the workers (on the loop) ---------------------------------------------------
+
+    def _on_message(self, connection: Connection, msg) -> None:
+        if isinstance(msg, TokenChunk):
+            handle = self.requests.get(msg.request_id)
+            if handle is None:
+                return  # cancelled: the worker's last chunks are dropped
+            handle.num_tokens_received += len(msg.token_ids)
+            if msg.token_ids:
+                self.index.update_request(
+                    msg.request_id,
+                    len(handle.generate.prompt_token_ids) + handle.num_tokens_received)
+            handle.chunks.put_nowait(msg)
+        elif isinstance(msg, protocol.KVEvents):
+            if msg.worker_id in self.links and not self.index.apply_events(msg):
+                logger.info("router: gap in %s's KV events; taking a snapshot", msg.worker_id)
+                connection.send(protocol.Subscribe())
+        elif isinstance(msg, protocol.KVSnapshot):
+            link = self.links.get(msg.worker_id)
+            if link is not None:
+                self.index.apply_snapshot(msg)
+                link.is_synced = True
+        elif isinstance(msg, protocol.Load):
+            if msg.worker_id in self.links:
+                self.index.apply_load(msg)
+        elif isinstance(msg, protocol.Error):
+            logger.warning("router: %s reported: %s", connection.peer, msg.message)
+
+    def _on_close(self, connection: Connection) -> None:
+        worker_id = next((w for w, link in self.links.items()
+                          if link.connection is connection), None)
+        if worker_id is None:
+            return
+        del self.links[worker_id]
+        logger.warning("router: lost decode worker %s", worker_id)
+        for handle in [h for h in self.requests.values() if h.worker_id == worker_id]:
+            self.index.finish_request(handle.request_id)
+            if handle.num_tokens_received == 0 and self._resubmit(handle, worker_id):
+                continue
+            self._forget(handle)
+            handle.chunks.put_nowait(TokenChunk(
+                handle.request_id, [], True, "", f"decode worker {worker_id} went away"))
+        self.index.remove_worker(worker_id)
+
+    def _resubmit(self, handle: RequestHandle, dead_worker: str) -> bool:
+        try:
+            self._send(handle, exclude=dead_worker)
+        except NoWorker:
+            return False
+        self.num_resubmitted += 1
+        logger.info("router: request %s moved from %s to %s before its first token",
+                    handle.request_id, dead_worker, handle.worker_id)
+        return True
