@@ -6,6 +6,8 @@ polls the consumer (every sender's notice goes to rank 0).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
@@ -18,6 +20,10 @@ class DecodeRank:
     def __init__(self, options: RunnerOptions, tp: TensorParallel, agent_name: str,
                  kv_transfer_dtype: str, staging_blocks: int):
         self.runner = ModelRunner(options, tp)
+        # Test hook: the engine loop stops once a chosen request has this many output tokens.
+        self.hold: tuple[str, int] | None = None
+        self.is_holding = threading.Event()
+        self.release_hold = threading.Event()
         self.consumer = KVConsumer(self.runner.kv_cache, agent_name=agent_name,
                                    tp_rank=tp.rank, tp_size=tp.size,
                                    num_kv_heads=options.model.num_kv_heads,

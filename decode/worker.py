@@ -261,6 +261,10 @@ class DecodeWorker(WorkerLoop):
                 connection.send(protocol.TokenChunk(
                     output.request_id, output.new_token_ids, output.finished,
                     output.finish_reason or "", "", output.num_cached_tokens))
+            hold = self.rank0.hold
+            if hold is not None and hold == (output.request_id, len(output.token_ids)):
+                self.rank0.is_holding.set()
+                self.rank0.release_hold.wait()
 
     # -- prefill workers ------------------------------------------------------------------
 

@@ -258,6 +258,11 @@ class Cluster:
         with self._lock:
             ray.kill(self.decodes[index].ranks[rank], no_restart=True)
 
+    def decode_driver(self, index: int = 0) -> Any:
+        """Rank 0's actor of decode worker ``index`` (tests use its hold hook)."""
+        with self._lock:
+            return self.decodes[index].driver
+
     def prefill_driver(self, index: int = 0) -> Any:
         """Rank 0's actor of prefill worker ``index`` (tests use its hold hook)."""
         with self._lock:

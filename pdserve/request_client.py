@@ -81,15 +81,20 @@ class RequestPlaneClient:
             connection.close()
 
     def submit(self, prompt_token_ids: list[int], sampling: dict,
-               request_id: str | None = None) -> Stream:
+               request_id: str | None = None, worker_id: str | None = None) -> Stream:
+        """Send to ``worker_id``, or to the decode workers in turn."""
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if not self._decodes:
                 raise RuntimeError("no decode worker is connected")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running")
-            workers = sorted(self._decodes)
-            worker_id = workers[next(self._round_robin) % len(workers)]
+            if worker_id is None:
+                workers = sorted(self._decodes)
+                worker_id = workers[next(self._round_robin) % len(workers)]
+            elif worker_id not in self._decodes:
+                raise ValueError(f"worker_id {worker_id!r} is not connected; connected: "
+                                 f"{sorted(self._decodes)}")
             stream = Stream(request_id, worker_id)
             self._streams[request_id] = stream
             connection = self._decodes[worker_id]

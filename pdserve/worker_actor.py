@@ -142,11 +142,13 @@ class WorkerRank:
     def control(self, kind: str, *args: Any, timeout_s: float = 60.0) -> Any:
         return self.driver.control(kind, *args).result(timeout_s)
 
-    def hold(self, request_id: str, layer: int) -> None:
-        """Test hook: the forward pass computing ``request_id`` stops after ``layer``."""
+    def hold(self, request_id: str, at: int) -> None:
+        """Test hook. Prefill: the forward pass computing ``request_id`` stops after layer
+        ``at``. Decode: the engine loop stops once ``request_id`` has ``at`` output tokens
+        (they were sent)."""
         self.rank_worker.is_holding.clear()
         self.rank_worker.release_hold.clear()
-        self.rank_worker.hold = (request_id, layer)
+        self.rank_worker.hold = (request_id, at)
 
     def wait_holding(self, timeout_s: float) -> bool:
         return self.rank_worker.is_holding.wait(timeout_s)

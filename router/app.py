@@ -114,6 +114,7 @@ async def _generate(router: Router, http: Request,
         return JSONResponse(error.body(), error.status, headers=headers)
     if generation is None:  # the client left while waiting
         return Response(status_code=499, headers=headers)
+    headers["X-Pdserve-Worker"] = generation.handle.worker_id
     if request.stream:
         return StreamingResponse(_sse(generation), media_type="text/event-stream",
                                  headers=headers | {"Cache-Control": "no-cache"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -59,7 +60,8 @@ class DrainingServer(uvicorn.Server):
 
 
 async def run_router(cluster, config: RouterConfig, api_key: str | None,
-                     on_started: Callable[[DrainingServer], None] | None = None) -> None:
+                     on_started: Callable[[DrainingServer], None] | None = None,
+                     sockets: list[socket.socket] | None = None) -> None:
     """Serve until drained; the cluster is the caller's to shut down."""
     router = Router(cluster.config.model_dir, config, cluster.fingerprint, cluster.secret,
                     block_size=cluster.config.block_size, max_model_len=cluster.max_model_len,
@@ -83,7 +85,7 @@ async def run_router(cluster, config: RouterConfig, api_key: str | None,
     if on_started is not None:
         on_started(server)
     try:
-        await server.serve()
+        await server.serve(sockets)
     finally:
         cluster.unwatch_decodes(added, removed)
         router.close()

@@ -25,6 +25,8 @@ class Link:
     worker_id: str
     connection: Connection
     is_synced: bool = False  # its KV snapshot has arrived: it is ready for requests
+    synced: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 @dataclass(slots=True)
@@ -56,12 +58,15 @@ class DecodeLinks:
     def ready_workers(self) -> list[str]:
         return sorted(w for w, link in self.links.items() if link.is_synced)
 
-    async def add(self, worker_id: str, address: tuple[str, int]) -> None:
+    async def add(self, worker_id: str, address: tuple[str, int],
+                  timeout_s: float = 60.0) -> None:
+        """Connect and subscribe; returns once the worker's KV snapshot is in the index."""
         connection = await open_connection(address[0], address[1], "router", self.fingerprint,
                                            self.secret, self._on_message, self._on_close)
-        self.links[worker_id] = Link(worker_id, connection)
+        link = self.links[worker_id] = Link(worker_id, connection)
         self.index.add_worker(worker_id)
         connection.send(protocol.Subscribe())
+        await asyncio.wait_for(asyncio.shield(link.synced), timeout_s)
         logger.info("router: linked to %s at %s:%d", worker_id, *address)
 
     def remove(self, worker_id: str) -> None:
@@ -132,6 +137,8 @@ class DecodeLinks:
             if link is not None:
                 self.index.apply_snapshot(msg)
                 link.is_synced = True
+                if not link.synced.done():
+                    link.synced.set_result(None)
         elif isinstance(msg, protocol.Load):
             if msg.worker_id in self.links:
                 self.index.apply_load(msg)
@@ -143,7 +150,9 @@ class DecodeLinks:
                           if link.connection is connection), None)
         if worker_id is None:
             return
-        del self.links[worker_id]
+        link = self.links.pop(worker_id)
+        if not link.synced.done():
+            link.synced.set_exception(ConnectionError(f"decode worker {worker_id} went away"))
         logger.warning("router: lost decode worker %s", worker_id)
         for handle in [h for h in self.requests.values() if h.worker_id == worker_id]:
             self.index.finish_request(handle.request_id)

@@ -1,0 +1,433 @@
+"""The HTTP router end to end: a real local Ray cluster (1 decode + 1 prefill worker, real
+NIXL, the tiny model), the real uvicorn server, and real clients (the official `openai`
+package, httpx, and pdserve's own SDK). Greedy output must equal the offline engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import pytest
+import ray
+
+from pdserve.cluster import launch
+from pdserve.tokenizer import Tokenizer
+from tests.cluster_harness import cluster_config, is_idle, offline_greedy, wait_for, worker_stats
+from tests.router_harness import RouterServer
+
+MAX_TOKENS = 12
+LONG_PROMPT = ("The decode worker looks at how much of the prompt it already holds, and when "
+               "the rest is long it hands the prefill to a prefill worker. ") * 2
+
+
+def fresh_long_prompt(tag: str) -> str:
+    """A long prompt no cache holds a block of (its first block differs)."""
+    return f"{tag}: {LONG_PROMPT}"
+NO_EOS = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_llama_dir):
+    with launch(cluster_config(tiny_llama_dir)) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    with RouterServer(cluster) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return Tokenizer.from_dir(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_llama_dir):
+    return tiny_llama_dir.name
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def _expected_text(tiny_llama_dir, tokenizer, token_ids: list[int],
+                   max_tokens: int = MAX_TOKENS) -> str:
+    (output,) = offline_greedy(tiny_llama_dir, [token_ids], max_tokens)
+    return tokenizer.decode(output)
+
+
+def _stream_text(stream) -> tuple[str, list]:
+    """Joined text deltas of an openai stream, and its chunks."""
+    chunks = list(stream)
+    parts = []
+    for chunk in chunks:
+        if chunk.choices:
+            choice = chunk.choices[0]
+            parts.append(choice.text if hasattr(choice, "text") else
+                         (choice.delta.content or ""))
+    return "".join(parts), chunks
+
+
+def _remote_count(cluster) -> int:
+    (stats,) = worker_stats(cluster, "decode")
+    return stats["prefills"].get("remote", 0)
+
+
+def test_openai_completions_equal_the_offline_engine(cluster, server, openai_client, tokenizer,
+                                                     tiny_llama_dir, model_name, greedy_prompts):
+    remote_before = _remote_count(cluster)
+    for prompt in (*greedy_prompts[:3], LONG_PROMPT):
+        expected = _expected_text(tiny_llama_dir, tokenizer, tokenizer.encode(prompt))
+        result = openai_client.completions.create(
+            model=model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+            extra_body=NO_EOS)
+        assert result.choices[0].text == expected
+        assert result.choices[0].finish_reason == "length"
+        assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
+        assert result.usage.completion_tokens == MAX_TOKENS
+        streamed, chunks = _stream_text(openai_client.completions.create(
+            model=model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body=NO_EOS))
+        assert streamed == expected
+        assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # the long prompt was prefilled remotely once; the second time its blocks were cached
+    assert _remote_count(cluster) == remote_before + 1
+    token_ids = tokenizer.encode(greedy_prompts[4])
+    result = openai_client.completions.create(model=model_name, prompt=token_ids,
+                                              max_tokens=MAX_TOKENS, temperature=0,
+                                              extra_body=NO_EOS)
+    assert result.choices[0].text == _expected_text(tiny_llama_dir, tokenizer, token_ids)
+
+
+def test_openai_chat_equals_the_offline_engine(server, openai_client, tokenizer, tiny_llama_dir,
+                                               model_name):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name a colour."}]
+    token_ids = tokenizer.encode(tokenizer.apply_chat_template(messages),
+                                 add_special_tokens=False)
+    expected = _expected_text(tiny_llama_dir, tokenizer, token_ids)
+    result = openai_client.chat.completions.create(
+        model=model_name, messages=messages, max_completion_tokens=MAX_TOKENS, temperature=0,
+        extra_body=NO_EOS)
+    assert result.choices[0].message.content == expected
+    assert result.choices[0].message.role == "assistant"
+    assert result.usage.prompt_tokens == len(token_ids)
+    streamed, chunks = _stream_text(openai_client.chat.completions.create(
+        model=model_name, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        extra_body=NO_EOS))
+    assert streamed == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_stop_strings_cut_the_text_streamed_or_not(server, openai_client, tokenizer,
+                                                   tiny_llama_dir, model_name, greedy_prompts,
+                                                   kind):
+    if kind == "completion":
+        token_ids = tokenizer.encode(greedy_prompts[0])
+
+        def create(**options):
+            return openai_client.completions.create(model=model_name,
+                                                    prompt=greedy_prompts[0], **options)
+    else:
+        messages = [{"role": "user", "content": greedy_prompts[1]}]
+        token_ids = tokenizer.encode(tokenizer.apply_chat_template(messages),
+                                     add_special_tokens=False)
+
+        def create(**options):
+            return openai_client.chat.completions.create(model=model_name, messages=messages,
+                                                         **options)
+    full = _expected_text(tiny_llama_dir, tokenizer, token_ids, 24)
+    stop = full[8:11]  # three characters from the middle of the greedy text
+    expected = full[:full.index(stop)]
+    result = create(max_tokens=24, temperature=0, stop=[stop, "never-there"], extra_body=NO_EOS)
+    choice = result.choices[0]
+    assert (choice.text if kind == "completion" else choice.message.content) == expected
+    assert choice.finish_reason == "stop"
+    assert result.usage.completion_tokens < 24
+    streamed, chunks = _stream_text(create(max_tokens=24, temperature=0, stop=stop,
+                                           stream=True, extra_body=NO_EOS))
+    assert streamed == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_sdk_sync_and_async_streaming_and_not(server, tokenizer, tiny_llama_dir, greedy_prompts):
+    from pdserve import AsyncClient, Client
+
+    prompt = greedy_prompts[3]
+    expected = _expected_text(tiny_llama_dir, tokenizer, tokenizer.encode(prompt))
+    options = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    with Client(server.url) as client:
+        result = client.complete(prompt, **options, request_id="sdk-sync")
+        assert (result.text, result.finish_reason, result.request_id) == \
+            (expected, "length", "sdk-sync")
+        assert result.usage.completion_tokens == MAX_TOKENS
+        with client.complete(prompt, **options, stream=True) as stream:
+            assert "".join(stream) == expected
+        assert stream.completion.text == expected
+        assert stream.completion.usage.completion_tokens == MAX_TOKENS
+        assert 0 < stream.completion.ttft_s <= stream.completion.e2e_s
+        chat = client.chat([{"role": "user", "content": "hi"}], **options)
+        assert chat.usage.completion_tokens == MAX_TOKENS
+
+    async def run_async() -> tuple[str, str]:
+        async with AsyncClient(server.url) as client:
+            result = await client.complete(prompt, **options)
+            stream = await client.complete(prompt, **options, stream=True)
+            parts = [delta async for delta in stream]
+            return result.text, "".join(parts)
+
+    assert asyncio.run(run_async()) == (expected, expected)
+
+
+BAD_REQUESTS = [
+    # (path, body or raw bytes, status, param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": "MODEL"}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"model": "MODEL", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "MODEL", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "MODEL", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "MODEL", "prompt": [1, 999999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "max_tokens": "5"}, 400,
+     "max_tokens"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "max_tokens": 10**6}, 400,
+     "max_tokens"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi " * 2000}, 400, "prompt"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "temperature": -1}, 400,
+     "temperature"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "top_k": -2}, 400, "top_k"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stream_options": {}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "presence_penalty": 0.5}, 400,
+     "presence_penalty"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "logit_bias": {"1": 5}}, 400,
+     "logit_bias"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "bogus": 1}, 400, "bogus"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "robot",
+                                                              "content": "x"}]}, 400,
+     "messages[0].role"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user",
+                                                              "content": 3}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("/v1/nowhere", {}, 404, None),
+]
+
+
+def test_bad_requests_get_openai_errors_and_leave_nothing_behind(cluster, server, model_name):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for path, body, status, param in BAD_REQUESTS:
+            if isinstance(body, dict):
+                body = json.dumps({k: model_name if v == "MODEL" else v
+                                   for k, v in body.items()}).encode()
+            response = http.post(path, content=body,
+                                 headers={"Content-Type": "application/json"})
+            assert response.status_code == status, (path, body, response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["param"] == param, (body, error)
+            assert error["message"]
+        assert http.post("/v1/completions", content=b"{}",
+                         headers={"X-Request-Id": "bad id!"}).status_code == 400
+        assert http.get("/health").status_code == 200
+        ok = http.post("/v1/completions", json={"model": model_name, "prompt": "hi",
+                                                "max_tokens": 2})
+        assert ok.status_code == 200
+    wait_for(lambda: is_idle(cluster), "the pools to be idle")
+
+
+def test_request_id_is_returned_and_carried_to_the_worker(cluster, server, model_name):
+    driver = cluster.decode_driver(0)
+    ray.get(driver.hold.remote("carried-id", 2))
+    result: dict = {}
+
+    def call() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            response = http.post("/v1/completions", headers={"X-Request-Id": "carried-id"},
+                                 json={"model": model_name, "prompt": "hi", "max_tokens": 4,
+                                       "temperature": 0, "ignore_eos": True})
+            result["response"] = response
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert ray.get(driver.wait_holding.remote(60))  # the worker saw the client's id
+    ray.get(driver.release_hold.remote())
+    thread.join(60)
+    response = result["response"]
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "carried-id"
+    assert response.json()["id"] == "cmpl-carried-id"
+    assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_client_disconnect_mid_stream_cancels_and_frees_every_block(cluster, server,
+                                                                    model_name):
+    driver = cluster.decode_driver(0)
+    (before,) = worker_stats(cluster, "decode")
+    ray.get(driver.hold.remote("leaver", 2))
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "leaver"},
+                         json={"model": model_name, "prompt": "hi", "max_tokens": 500,
+                               "ignore_eos": True, "stream": True}) as response:
+            assert response.status_code == 200
+            assert ray.get(driver.wait_holding.remote(60))
+    # the client is gone while the worker holds the request after 2 of 500 tokens
+    wait_for(lambda: "leaver" not in server.router.links.requests, "the router to cancel")
+    ray.get(driver.release_hold.remote())
+    wait_for(lambda: is_idle(cluster), "every block back in the pools")
+    (after,) = worker_stats(cluster, "decode")
+    assert after["num_finished"] == before["num_finished"]  # aborted, not run to 500
+
+
+def test_client_disconnect_during_remote_prefill_cancels_the_job(cluster, server, model_name,
+                                                                 tokenizer):
+    driver = cluster.prefill_driver(0)
+    prompt = fresh_long_prompt("leaver")
+    ray.get(driver.hold.remote("leaver-remote", 0))
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "leaver-remote"},
+                         json={"model": model_name, "prompt": prompt, "max_tokens": 8,
+                               "stream": True}) as response:
+            assert response.status_code == 200
+            assert ray.get(driver.wait_holding.remote(60))
+    wait_for(lambda: "leaver-remote" not in server.router.links.requests,
+             "the router to cancel")
+    ray.get(driver.release_hold.remote())
+    wait_for(lambda: is_idle(cluster), "every block back in the pools")
+
+
+def test_admission_queues_then_answers_429_when_full(cluster, model_name):
+    driver = cluster.prefill_driver(0)
+    responses: dict[str, httpx.Response] = {}
+
+    def call(request_id: str, prompt: str, priority: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            responses[request_id] = http.post(
+                "/v1/completions", headers={"X-Request-Id": request_id},
+                json={"model": model_name, "prompt": prompt, "max_tokens": 2,
+                      "priority": priority})
+
+    with RouterServer(cluster, max_running=1, max_queue=2) as server:
+        ray.get(driver.hold.remote("first", 0))
+        threads = [threading.Thread(target=call, args=("first", fresh_long_prompt("first"), 0))]
+        threads[0].start()
+        assert ray.get(driver.wait_holding.remote(60))  # "first" holds the one slot
+        for num_queued, (request_id, priority) in enumerate((("low", 5), ("high", 1)), 1):
+            threads.append(threading.Thread(target=call, args=(request_id, "hi", priority)))
+            threads[-1].start()
+            wait_for(lambda n=num_queued: server.router.admission.num_waiting == n,
+                     "the request to queue")
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            refused = http.post("/v1/completions", json={"model": model_name, "prompt": "hi"})
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+        ray.get(driver.release_hold.remote())
+        for thread in threads:
+            thread.join(120)
+    assert {r: responses[r].status_code for r in responses} == \
+        {"first": 200, "high": 200, "low": 200}
+    wait_for(lambda: is_idle(cluster), "the pools to be idle")
+
+
+def test_api_key_guards_every_route_but_health(cluster, model_name):
+    with RouterServer(cluster, api_key="sekrit") as server:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            assert http.get("/health").status_code == 200
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                response = http.get("/v1/models", headers=headers)
+                assert response.status_code == 401
+                assert response.json()["error"]["type"] == "authentication_error"
+                assert http.get("/metrics", headers=headers).status_code == 401
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="sekrit") as client:
+            assert [m.id for m in client.models.list()] == [model_name]
+            result = client.completions.create(model=model_name, prompt="hi", max_tokens=2)
+            assert result.usage.completion_tokens == 2
+
+
+def test_metrics_count_what_happened(cluster, server, model_name):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        before = _metrics(http)
+        for prompt in ("hi", fresh_long_prompt("metrics")):
+            assert http.post("/v1/completions", json={
+                "model": model_name, "prompt": prompt, "max_tokens": 3,
+                "ignore_eos": True}).status_code == 200
+        http.post("/v1/completions", json={"model": model_name})
+        after = _metrics(http)
+    assert after['pdserve_requests_total{status="success"}'] == \
+        before.get('pdserve_requests_total{status="success"}', 0) + 2
+    assert after['pdserve_requests_total{status="invalid"}'] == \
+        before.get('pdserve_requests_total{status="invalid"}', 0) + 1
+    assert after["pdserve_time_to_first_token_seconds_count"] == \
+        before["pdserve_time_to_first_token_seconds_count"] + 2
+    assert after["pdserve_inter_token_latency_seconds_count"] >= \
+        before["pdserve_inter_token_latency_seconds_count"] + 4
+    assert after['pdserve_prefill_total{where="remote"}'] == \
+        before['pdserve_prefill_total{where="remote"}'] + 1
+    assert after["pdserve_kv_transfer_bytes_total"] > before["pdserve_kv_transfer_bytes_total"]
+    assert after['pdserve_prompt_tokens_computed_total{role="prefill"}'] > \
+        before['pdserve_prompt_tokens_computed_total{role="prefill"}']
+    assert after["pdserve_queue_depth"] == 0
+    (decode,) = worker_stats(cluster, "decode")
+    assert after[f'pdserve_kv_blocks_free{{worker="{decode["worker_id"]}"}}'] == \
+        decode["num_blocks"]
+    assert "pdserve_prefix_cache_hit_tokens_total" in after
+    assert "pdserve_e2e_request_latency_seconds_count" in after
+
+
+def _metrics(http: httpx.Client) -> dict[str, float]:
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_models_and_health(server, model_name):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        models = http.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [model_name]
+        health = http.get("/health")
+        assert health.status_code == 200
+        assert health.json()["workers"] == ["decode0.0"]
+
+
+def test_router_process_imports_no_torch():
+    code = ("import sys, router.server, router.app, pdserve.cluster, pdserve.client; "
+            "print(sorted(m for m in ('torch', 'engine', 'nixl') if m in sys.modules))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout
+    assert output.strip() == "[]"
