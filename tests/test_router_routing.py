@@ -1,0 +1,185 @@
+"""KV-aware routing and decode-worker failures through the router, on a real local Ray
+cluster with two decode workers and one prefill worker (tiny model, small pools)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import ray
+
+from pdserve.cluster import launch
+from pdserve.hashing import hash_blocks
+from pdserve.tokenizer import Tokenizer
+from tests.cluster_harness import (
+    BLOCK_SIZE,
+    cluster_config,
+    is_idle,
+    offline_greedy,
+    wait_for,
+)
+from tests.router_harness import RouterServer
+
+PREFIX_BLOCKS = 3
+NUM_GROUPS = 4
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_llama_dir):
+    config = cluster_config(tiny_llama_dir, num_blocks=32, max_local_prefill_tokens=64,
+                            num_workers=2)
+    with launch(config) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    with RouterServer(cluster) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_llama_dir):
+    return tiny_llama_dir.name
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return Tokenizer.from_dir(tiny_llama_dir)
+
+
+def _group_prompt(group: int, member: int) -> list[int]:
+    """Token ids: the group's 3-block prefix, then 10 tokens of the member's own."""
+    prefix = [(7 * group + 3 * i) % 400 + 40 for i in range(PREFIX_BLOCKS * BLOCK_SIZE)]
+    return prefix + [(11 * member + i + 1) % 400 + 40 for i in range(10)]
+
+
+def _complete(http: httpx.Client, model_name: str, prompt, max_tokens: int = 4,
+              **extra) -> httpx.Response:
+    response = http.post("/v1/completions", json={
+        "model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, **extra})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_prefix_groups_stick_to_their_worker_until_its_blocks_are_removed(
+        cluster, server, model_name):
+    index = server.router.index
+    placed: dict[int, set[str]] = {g: set() for g in range(NUM_GROUPS)}
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        for member in range(3):  # interleaved: g0 g1 g2 g3 g0 g1 ...
+            for group in range(NUM_GROUPS):
+                response = _complete(http, model_name, _group_prompt(group, member))
+                placed[group].add(response.headers["x-pdserve-worker"])
+        assert all(len(workers) == 1 for workers in placed.values()), placed
+        home = {g: next(iter(w)) for g, w in placed.items()}
+        assert set(home.values()) == {"decode0.0", "decode1.0"}  # both workers got groups
+
+        # Fill group 0's worker with other prompts until its prefix cache evicts the group,
+        # then give the group's prefix to the other worker: the group moves there.
+        old_home = home[0]
+        other = ({"decode0.0", "decode1.0"} - {old_home}).pop()
+        group_hashes = hash_blocks(_group_prompt(0, 9), BLOCK_SIZE)
+        assert index.blocks_to_prefill(old_home, group_hashes) == 0
+        for filler in range(10):
+            prompt = [(13 * filler + i) % 300 + 100 for i in range(60)]
+            cluster.client.submit(prompt, {"max_tokens": 4}, worker_id=old_home).result(120)
+        wait_for(lambda: index.blocks_to_prefill(old_home, group_hashes) == PREFIX_BLOCKS,
+                 "the router to see the group's blocks removed")
+        cluster.client.submit(_group_prompt(0, 8), {"max_tokens": 1},
+                              worker_id=other).result(120)
+        wait_for(lambda: index.blocks_to_prefill(other, group_hashes) == 0,
+                 "the router to see the group's blocks stored on the other worker")
+        response = _complete(http, model_name, _group_prompt(0, 9))
+        assert response.headers["x-pdserve-worker"] == other
+        assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == \
+            PREFIX_BLOCKS * BLOCK_SIZE
+    wait_for(lambda: is_idle(cluster), "the pools to be idle")
+
+
+def _decode_index(worker_id: str) -> int:
+    return int(worker_id.removeprefix("decode").split(".")[0])
+
+
+def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(
+        cluster, server, model_name, tokenizer, tiny_llama_dir):
+    """The prefill worker holds the request's job, so its decode worker has streamed nothing
+    when it dies: the router sends the request to the other decode worker."""
+    prompt = [(5 * i) % 300 + 60 for i in range(100)]  # long: prefilled remotely
+    (expected,) = offline_greedy(tiny_llama_dir, [prompt], 6)
+    prefill = cluster.prefill_driver(0)
+    ray.get(prefill.hold.remote("moved", 0))
+    result: dict = {}
+
+    def call() -> None:
+        with httpx.Client(base_url=server.url, timeout=180) as http:
+            with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "moved"},
+                             json={"model": model_name, "prompt": prompt, "max_tokens": 6,
+                                   "temperature": 0, "ignore_eos": True,
+                                   "stream": True}) as response:
+                result["worker"] = response.headers["x-pdserve-worker"]
+                result["lines"] = [line for line in response.iter_lines() if line]
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert ray.get(prefill.wait_holding.remote(60))
+    first_worker = server.router.links.requests["moved"].worker_id
+    cluster.kill_decode_rank(_decode_index(first_worker))
+    wait_for(lambda: server.router.links.requests["moved"].worker_id != first_worker,
+             "the router to move the request")
+    ray.get(prefill.release_hold.remote())
+    thread.join(180)
+    assert result["worker"] == first_worker
+    assert result["lines"][-1] == "data: [DONE]"
+    assert "error" not in "".join(result["lines"])
+    assert server.router.links.num_resubmitted == 1
+    text = "".join(_event_text(line) for line in result["lines"][:-1])
+    assert text == tokenizer.decode(expected)
+    _wait_for_two_workers(cluster, server)
+
+
+def test_a_stream_whose_worker_dies_mid_way_ends_with_an_error_event(cluster, server,
+                                                                     model_name):
+    for index in range(2):  # whichever worker the router picks holds after 2 tokens
+        ray.get(cluster.decode_driver(index).hold.remote("orphan", 2))
+    result: dict = {}
+
+    def call() -> None:
+        with httpx.Client(base_url=server.url, timeout=180) as http:
+            with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "orphan"},
+                             json={"model": model_name, "prompt": "hello", "max_tokens": 100,
+                                   "ignore_eos": True, "stream": True}) as response:
+                result["status"] = response.status_code
+                result["lines"] = [line for line in response.iter_lines() if line]
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_for(lambda: server.router.links.requests.get("orphan") is not None
+             and server.router.links.requests["orphan"].num_tokens_received == 2,
+             "two tokens at the router")
+    worker_id = server.router.links.requests["orphan"].worker_id
+    cluster.kill_decode_rank(_decode_index(worker_id))
+    thread.join(180)
+    assert result["status"] == 200
+    assert result["lines"][-1] == "data: [DONE]"
+    error = httpx.Response(200, content=result["lines"][-2].removeprefix("data: ")).json()
+    assert error["error"]["code"] == "worker_error"
+    assert "went away" in error["error"]["message"]
+    other = 1 - _decode_index(worker_id)
+    ray.get(cluster.decode_driver(other).hold.remote("", 0))  # disarm the other hold
+    _wait_for_two_workers(cluster, server)
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        _complete(http, model_name, "still serving")  # the restarted cluster serves
+
+
+def _event_text(line: str) -> str:
+    body = httpx.Response(200, content=line.removeprefix("data: ")).json()
+    return body["choices"][0]["text"] if body.get("choices") else ""
+
+
+def _wait_for_two_workers(cluster, server) -> None:
+    wait_for(lambda: len(server.router.links.ready_workers) == 2, "the restarted worker",
+             timeout_s=180)
+    wait_for(lambda: is_idle(cluster), "the pools to be idle", timeout_s=180)
