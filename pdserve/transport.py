@@ -75,11 +75,15 @@ class Connection:
         self.connection_id = next(_connection_ids)
         self.peer = peer  # the peer's worker id or role
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
         self._writer = writer
         self.is_closed = False
 
     def send(self, msg: Any) -> None:
         frame = protocol.encode(msg)
+        if threading.get_ident() == self._loop_thread:
+            self._write(frame)  # on the loop already (the router): write now, not next turn
+            return
         try:
             self._loop.call_soon_threadsafe(self._write, frame)
         except RuntimeError:  # the loop is closed: so is the connection

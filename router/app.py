@@ -72,7 +72,19 @@ def build_app(router: Router, api_key: str | None = None) -> FastAPI:
 
     if api_key is not None:
         app.add_middleware(_RequireAPIKey, api_key=api_key)
+    app.add_middleware(_StampArrival)  # added last: runs first
     return app
+
+
+class _StampArrival:
+    """Note when a request reached the app, before routing and any middleware."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope["pdserve.arrived_s"] = time.perf_counter()
+        await self.app(scope, receive, send)
 
 
 class _RequireAPIKey:
@@ -97,7 +109,7 @@ class _RequireAPIKey:
 
 async def _generate(router: Router, http: Request,
                     parse: Callable[[object], GenerateRequest]) -> Response:
-    arrived_s = time.perf_counter()
+    arrived_s = http.scope.get("pdserve.arrived_s") or time.perf_counter()
     request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
     headers = {"X-Request-Id": request_id}
     try:

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                       0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_OVERHEAD_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005,
+                       0.01, 0.025, 0.05, 0.1)
 _STATS_TIMEOUT_S = 5.0
 
 
@@ -48,6 +50,11 @@ class RouterMetrics:
         self.e2e = registry.register(Histogram(
             "pdserve_e2e_request_latency_seconds",
             "From the HTTP request in to its last token out of the router.", _LATENCY_BUCKETS_S))
+        self.overhead = registry.register(Histogram(
+            "pdserve_router_overhead_seconds",
+            "Time a request spends in the router: 'in' from the HTTP request to its Generate "
+            "on the request plane, 'out' from a token chunk's arrival to its SSE event "
+            "written (streamed requests).", _OVERHEAD_BUCKETS_S, ("direction",)))
         self.requests = registry.register(Counter(
             "pdserve_requests_total",
             "Requests by how they ended: success, error, cancelled (the client left), "

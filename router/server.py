@@ -8,6 +8,7 @@ stops. A second signal stops at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -16,9 +17,9 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+import uvloop
 
 from pdserve.config import RouterConfig
-from pdserve.protocol import Fingerprint
 from router.app import build_app
 from router.service import Router
 
@@ -94,12 +95,59 @@ async def run_router(cluster, config: RouterConfig, api_key: str | None,
 def serve_forever(cluster, config: RouterConfig, api_key: str | None,
                   on_started: Callable[[DrainingServer], None] | None = None) -> None:
     """Block serving HTTP on a uvloop event loop in this thread."""
-    import uvloop
-
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("serve_forever must run in the main thread (it handles signals)")
     uvloop.run(run_router(cluster, config, api_key, on_started))
 
 
-def fingerprint_of(cluster) -> Fingerprint:
-    return cluster.fingerprint
+class RouterThread:
+    """The router in a background thread of this process, over a running cluster, at
+    ``url`` (benchmarks, tests, notebooks). The listening socket is bound and listening
+    before the router starts, so a client may connect at once: its connection waits in the
+    backlog until the server accepts it. Signals stay with the caller: ``close`` drains."""
+
+    def __init__(self, cluster, api_key: str | None = None, **router_options):
+        config = dataclasses.replace(cluster.config.router, **router_options)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(128)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.server: DrainingServer | None = None
+        self.error: BaseException | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(cluster, config, api_key),
+                                        name="pdserve-router", daemon=True)
+        self._thread.start()
+        if not self._started.wait(120):
+            raise RuntimeError("the router did not start within 120 s")
+        if self.error is not None:
+            raise RuntimeError("the router failed to start") from self.error
+
+    @property
+    def router(self):
+        return self.server.router
+
+    def _run(self, cluster, config, api_key) -> None:
+        try:
+            uvloop.run(run_router(cluster, config, api_key, self._on_started,
+                                  sockets=[self._socket]))
+        except BaseException as error:
+            self.error = error
+        finally:
+            self._started.set()
+
+    def _on_started(self, server: DrainingServer) -> None:
+        self.server = server
+        self._started.set()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.drain()
+        self._thread.join(60)
+        self._socket.close()
+
+    def __enter__(self) -> RouterThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

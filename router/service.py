@@ -174,9 +174,10 @@ class Generation:
         num_output_tokens = num_cached_tokens = 0
         last_token_s = None
         status = "cancelled"
+        metrics.overhead.observe(handle.submitted_s - self.arrived_s, labels=("in",))
         try:
             while True:
-                chunk = await handle.chunks.get()
+                received_s, chunk = await handle.chunks.get()
                 now = time.perf_counter()
                 if chunk.error:
                     status = "error"
@@ -191,7 +192,10 @@ class Generation:
                     num_output_tokens += len(chunk.token_ids)
                     delta = text.push(chunk.token_ids)
                     if delta:
-                        yield delta
+                        yield delta  # a streamed response resumes here once it is written
+                        if self.request.stream:
+                            metrics.overhead.observe(time.perf_counter() - received_s,
+                                                     labels=("out",))
                     if text.stopped:
                         router.links.cancel(handle)
                         finish_reason = "stop"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from pdserve import protocol
@@ -31,12 +32,14 @@ class Link:
 
 @dataclass(slots=True)
 class RequestHandle:
-    """One request on a worker: its chunks arrive on ``chunks``; the last has ``finished``."""
+    """One request on a worker: ``(received_s, TokenChunk)`` pairs arrive on ``chunks``
+    (perf_counter time of arrival at the router); the last chunk has ``finished``."""
 
     request_id: str
     generate: protocol.Generate
     block_hashes: list[int]
     worker_id: str = ""
+    submitted_s: float = 0.0  # when Generate went out on the request plane
     num_tokens_received: int = 0
     is_done: bool = False
     chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -114,6 +117,7 @@ class DecodeLinks:
         self.index.start_request(worker_id, handle.request_id,
                                  len(handle.generate.prompt_token_ids))
         self.links[worker_id].connection.send(handle.generate)
+        handle.submitted_s = time.perf_counter()
 
     # -- from the workers (on the loop) ---------------------------------------------------
 
@@ -127,7 +131,7 @@ class DecodeLinks:
                 self.index.update_request(
                     msg.request_id,
                     len(handle.generate.prompt_token_ids) + handle.num_tokens_received)
-            handle.chunks.put_nowait(msg)
+            handle.chunks.put_nowait((time.perf_counter(), msg))
         elif isinstance(msg, protocol.KVEvents):
             if msg.worker_id in self.links and not self.index.apply_events(msg):
                 logger.info("router: gap in %s's KV events; taking a snapshot", msg.worker_id)
@@ -159,8 +163,8 @@ class DecodeLinks:
             if handle.num_tokens_received == 0 and self._resubmit(handle, worker_id):
                 continue
             self._forget(handle)
-            handle.chunks.put_nowait(TokenChunk(
-                handle.request_id, [], True, "", f"decode worker {worker_id} went away"))
+            handle.chunks.put_nowait((time.perf_counter(), TokenChunk(
+                handle.request_id, [], True, "", f"decode worker {worker_id} went away")))
         self.index.remove_worker(worker_id)
 
     def _resubmit(self, handle: RequestHandle, dead_worker: str) -> bool:

@@ -18,8 +18,8 @@ import ray
 
 from pdserve.cluster import launch
 from pdserve.tokenizer import Tokenizer
+from router.server import RouterThread
 from tests.cluster_harness import cluster_config, is_idle, offline_greedy, wait_for, worker_stats
-from tests.router_harness import RouterServer
 
 MAX_TOKENS = 12
 LONG_PROMPT = ("The decode worker looks at how much of the prompt it already holds, and when "
@@ -40,7 +40,7 @@ def cluster(ray_session, tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def server(cluster):
-    with RouterServer(cluster) as server:
+    with RouterThread(cluster) as server:
         yield server
 
 
@@ -336,7 +336,7 @@ def test_admission_queues_then_answers_429_when_full(cluster, model_name):
                 json={"model": model_name, "prompt": prompt, "max_tokens": 2,
                       "priority": priority})
 
-    with RouterServer(cluster, max_running=1, max_queue=2) as server:
+    with RouterThread(cluster, max_running=1, max_queue=2) as server:
         ray.get(driver.hold.remote("first", 0))
         threads = [threading.Thread(target=call, args=("first", fresh_long_prompt("first"), 0))]
         threads[0].start()
@@ -360,7 +360,7 @@ def test_admission_queues_then_answers_429_when_full(cluster, model_name):
 
 
 def test_api_key_guards_every_route_but_health(cluster, model_name):
-    with RouterServer(cluster, api_key="sekrit") as server:
+    with RouterThread(cluster, api_key="sekrit") as server:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             assert http.get("/health").status_code == 200
             for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -431,3 +431,36 @@ def test_router_process_imports_no_torch():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_drain_finishes_running_requests_and_refuses_new_ones(cluster, model_name):
+    driver = cluster.decode_driver(0)
+    ray.get(driver.hold.remote("draining", 2))
+    result: dict = {}
+    server = RouterThread(cluster)
+
+    def call() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            result["response"] = http.post(
+                "/v1/completions", headers={"X-Request-Id": "draining"},
+                json={"model": model_name, "prompt": "hi", "max_tokens": 6,
+                      "ignore_eos": True})
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
+        assert ray.get(driver.wait_holding.remote(60))
+        server.server.drain()  # what SIGTERM does
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            assert http.get("/health").status_code == 503
+            refused = http.post("/v1/completions", json={"model": model_name, "prompt": "x"})
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "shutting_down"
+        ray.get(driver.release_hold.remote())
+        thread.join(120)
+        assert result["response"].status_code == 200
+        assert result["response"].json()["usage"]["completion_tokens"] == 6
+    finally:
+        server.close()
+    assert not server._thread.is_alive()  # drained, then stopped

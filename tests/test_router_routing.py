@@ -12,6 +12,7 @@ import ray
 from pdserve.cluster import launch
 from pdserve.hashing import hash_blocks
 from pdserve.tokenizer import Tokenizer
+from router.server import RouterThread
 from tests.cluster_harness import (
     BLOCK_SIZE,
     cluster_config,
@@ -19,7 +20,6 @@ from tests.cluster_harness import (
     offline_greedy,
     wait_for,
 )
-from tests.router_harness import RouterServer
 
 PREFIX_BLOCKS = 3
 NUM_GROUPS = 4
@@ -35,7 +35,7 @@ def cluster(ray_session, tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def server(cluster):
-    with RouterServer(cluster) as server:
+    with RouterThread(cluster) as server:
         yield server
 
 
