@@ -41,10 +41,16 @@ class Admission:
     def num_waiting(self) -> int:
         return self._num_waiting
 
-    async def acquire(self, priority: int = 0) -> None:
-        """Wait for a slot; ``QueueFull`` when the queue is full. Pair with ``release``."""
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for it."""
         if self.num_running < self.max_running and not self._num_waiting:
             self.num_running += 1
+            return True
+        return False
+
+    async def acquire(self, priority: int = 0) -> None:
+        """Wait for a slot; ``QueueFull`` when the queue is full. Pair with ``release``."""
+        if self.try_acquire():
             return
         if self._num_waiting >= self.max_queue:
             raise QueueFull(f"{self.num_running} requests running and {self._num_waiting} "

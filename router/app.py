@@ -30,7 +30,7 @@ from router.openai_api import (
     usage,
     usage_chunk,
 )
-from router.service import Generation, Outcome, Router
+from router.service import ClientGone, Generation, Outcome, Router
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _PUBLIC_PATHS = ("/health",)
@@ -116,16 +116,17 @@ async def _generate(router: Router, http: Request,
         if not _REQUEST_ID.fullmatch(request_id):
             raise bad_request("X-Request-Id must be 1-128 of [A-Za-z0-9._:-]", "X-Request-Id")
         request = parse(await _json_body(http))
-        generation = await _until_disconnect(http, router.open(request, request_id,
-                                                                arrived_s))
+        generation = await router.open(request, request_id, arrived_s,
+                                       client_gone=lambda: _disconnected(http))
+    except ClientGone:
+        router.metrics.requests.inc(labels=("cancelled",))
+        return Response(status_code=499, headers=headers)
     except APIError as error:
         if error.status in (429, 503):
             headers["Retry-After"] = str(router.config.retry_after_s)
         if error.status < 500 and error.status != 429:
             router.metrics.requests.inc(labels=("invalid",))
         return JSONResponse(error.body(), error.status, headers=headers)
-    if generation is None:  # the client left while waiting
-        return Response(status_code=499, headers=headers)
     headers["X-Pdserve-Worker"] = generation.handle.worker_id
     if request.stream:
         return StreamingResponse(_sse(generation), media_type="text/event-stream",
@@ -204,11 +205,9 @@ async def _until_disconnect(http: Request, work):
         return task.result()
     task.cancel()
     try:
-        result = await task
+        await task
     except (asyncio.CancelledError, APIError):
-        return None
-    if isinstance(result, Generation):  # it got in just before being cancelled
-        result.close()
+        pass
     return None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,14 @@ from router.workers import DecodeLinks, NoWorker, RequestHandle
 logger = logging.getLogger(__name__)
 
 MAX_INDEX_BLOCKS_PER_WORKER = 1 << 20
+# Prompts up to these sizes are tokenized and hashed on the event loop (tens of microseconds);
+# longer ones, and every chat template, in the thread pool.
+INLINE_MAX_TOKEN_IDS = 512
+INLINE_MAX_CHARS = 256
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,9 @@ class Router:
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, "pdserve-tokenizer")
         self.is_draining = False
         self.num_in_flight = 0
+        # (request id, "in" | "out", seconds) of every overhead sample, when a benchmark
+        # sets a list here
+        self.overhead_log: list[tuple[str, str, float]] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -72,9 +83,10 @@ class Router:
         self.links.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def open(self, request: GenerateRequest, request_id: str,
-                   arrived_s: float) -> Generation:
-        """Admit and start ``request``; ``APIError`` when it is refused."""
+    async def open(self, request: GenerateRequest, request_id: str, arrived_s: float,
+                   client_gone: Callable[[], Awaitable[None]] | None = None) -> Generation:
+        """Admit and start ``request``; ``APIError`` when it is refused, ``ClientGone`` when
+        ``client_gone()`` returns while the request waits in the admission queue."""
         if request.model != self.model_name:
             raise APIError(404, f"the model '{request.model}' does not exist; this server "
                                 f"serves '{self.model_name}'", "model", code="model_not_found")
@@ -82,23 +94,21 @@ class Router:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         self._begin()
         try:
-            return await self._open(request, request_id, arrived_s)
+            return await self._open(request, request_id, arrived_s, client_gone)
         except BaseException:
             self._end()
             raise
 
-    async def _open(self, request: GenerateRequest, request_id: str,
-                    arrived_s: float) -> Generation:
-        loop = asyncio.get_running_loop()
-        prompt_token_ids, block_hashes = await loop.run_in_executor(
-            self.pool, self._tokenize, request)
+    async def _open(self, request: GenerateRequest, request_id: str, arrived_s: float,
+                    client_gone: Callable[[], Awaitable[None]] | None) -> Generation:
+        if _is_short(request):  # cheaper than the hop to the pool and back
+            prompt_token_ids, block_hashes = self._tokenize(request)
+        else:
+            prompt_token_ids, block_hashes = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._tokenize, request)
         max_tokens = self._max_tokens(request, len(prompt_token_ids))
-        try:
-            await self.admission.acquire(request.priority)
-        except QueueFull as error:
-            self.metrics.requests.inc(labels=("rejected",))
-            raise APIError(429, f"the server is at capacity: {error}; retry later",
-                           code="overloaded") from None
+        if not self.admission.try_acquire():
+            await self._wait_for_slot(request.priority, client_gone)
         try:
             handle = self.links.submit(request_id, prompt_token_ids,
                                        request.sampling(max_tokens), request.priority,
@@ -111,8 +121,33 @@ class Router:
             raise bad_request(str(error), "X-Request-Id") from None
         return Generation(self, request, handle, len(prompt_token_ids), arrived_s)
 
+    async def _wait_for_slot(self, priority: int,
+                             client_gone: Callable[[], Awaitable[None]] | None) -> None:
+        waiter = asyncio.ensure_future(self.admission.acquire(priority))
+        watcher = asyncio.ensure_future(client_gone()) if client_gone else None
+        try:
+            await asyncio.wait([t for t in (waiter, watcher) if t],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if not waiter.done():  # the client left first
+            waiter.cancel()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                raise ClientGone() from None
+            self.admission.release()  # the slot came at the same instant: give it back
+            raise ClientGone()
+        try:
+            waiter.result()
+        except QueueFull as error:
+            self.metrics.requests.inc(labels=("rejected",))
+            raise APIError(429, f"the server is at capacity: {error}; retry later",
+                           code="overloaded") from None
+
     def _tokenize(self, request: GenerateRequest) -> tuple[list[int], list[int]]:
-        """In the thread pool: the prompt's token ids and block hashes."""
+        """The prompt's token ids and block hashes: in the thread pool unless short."""
         if request.prompt_token_ids is not None:
             token_ids = request.prompt_token_ids
             bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
@@ -157,6 +192,16 @@ class Router:
             self._idle.set()
 
 
+def _is_short(request: GenerateRequest) -> bool:
+    """Tokenizing and hashing this takes well under the ~0.2 ms a thread hop costs, so it
+    runs on the loop; anything longer goes to the pool so it cannot stall other requests."""
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids) <= INLINE_MAX_TOKEN_IDS
+    if request.prompt_text is not None:
+        return len(request.prompt_text) <= INLINE_MAX_CHARS
+    return False  # chat: the template renders in the pool
+
+
 class Generation:
     """A started request: ``events()`` yields text deltas, then one ``Outcome``."""
 
@@ -174,7 +219,7 @@ class Generation:
         num_output_tokens = num_cached_tokens = 0
         last_token_s = None
         status = "cancelled"
-        metrics.overhead.observe(handle.submitted_s - self.arrived_s, labels=("in",))
+        self._overhead("in", handle.submitted_s - self.arrived_s)
         try:
             while True:
                 received_s, chunk = await handle.chunks.get()
@@ -194,8 +239,7 @@ class Generation:
                     if delta:
                         yield delta  # a streamed response resumes here once it is written
                         if self.request.stream:
-                            metrics.overhead.observe(time.perf_counter() - received_s,
-                                                     labels=("out",))
+                            self._overhead("out", time.perf_counter() - received_s)
                     if text.stopped:
                         router.links.cancel(handle)
                         finish_reason = "stop"
@@ -217,6 +261,11 @@ class Generation:
                           num_cached_tokens)
         finally:
             self.close(status)
+
+    def _overhead(self, direction: str, seconds: float) -> None:
+        self.router.metrics.overhead.observe(seconds, labels=(direction,))
+        if self.router.overhead_log is not None:
+            self.router.overhead_log.append((self.handle.request_id, direction, seconds))
 
     def close(self, status: str = "cancelled") -> None:
         """Idempotent: cancel the worker request if it still runs, give the slot back."""
