@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench bench-kvtransfer bench-cluster clean
+.PHONY: install test lint serve bench bench-kvtransfer bench-cluster bench-router clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-kvtransfer: install
 
 bench-cluster: install
 	$(BIN)/python scripts/bench_cluster.py
+
+bench-router: install
+	$(BIN)/python scripts/bench_router.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
