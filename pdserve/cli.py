@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="routing: weight of blocks to prefill against load (0: load only)")
     serve.add_argument("--max-queue", type=_non_negative_int, default=None,
                        help="requests that may wait before the server answers 429")
-    serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
     serve.set_defaults(handler=_serve)
     return parser
@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ValueError as error:
         parser.exit(2, f"pdserve: error: {error}\n")
+    except RuntimeError as error:  # e.g. a placement Ray cannot satisfy: said in full
+        parser.exit(1, f"pdserve: error: {error}\n")
 
 
 def _create_model(args: argparse.Namespace) -> int:
@@ -82,6 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here: serving pulls in ray, which `pdserve model` must not wait for.
     from pdserve.serve import serve
 
+    if args.api_key == "":
+        raise ValueError("--api-key is empty: give a key, or leave it and PDSERVE_API_KEY unset")
     return serve(cluster_config(args), args.api_key)
 
 

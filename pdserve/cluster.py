@@ -97,14 +97,16 @@ class Cluster:
                 self._introduce_decodes(prefill, self.decodes)
             for decode in self.decodes:
                 self._introduce_prefills(decode, self.prefills)
+            self._decode_watchers: list[tuple[Callable, Callable]] = []
+            self.client = RequestPlaneClient(self.fingerprint, self.secret)
+            for decode in self.decodes:
+                self.client.add_decode(decode.worker_id, decode.address)
+            decode_stats = self.stats("decode").values()
         except BaseException:
+            if hasattr(self, "client"):
+                self.client.close()
             self._kill_all()
             raise
-        self._decode_watchers: list[tuple[Callable, Callable]] = []
-        self.client = RequestPlaneClient(self.fingerprint, self.secret)
-        for decode in self.decodes:
-            self.client.add_decode(decode.worker_id, decode.address)
-        decode_stats = self.stats("decode").values()
         # what the router needs: the longest request every decode worker takes, and slots
         self.max_model_len = min(s["max_model_len"] for s in decode_stats)
         self.max_running = config.decode.num_workers * config.decode.max_num_seqs

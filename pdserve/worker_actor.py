@@ -43,7 +43,11 @@ class WorkerRank:
         from engine.rank_group import broadcast_object, join_group, set_threads
 
         set_threads(self.config.num_threads)
-        join_group(host, port, self.rank, self.size, is_cuda=self.config.device == "cuda")
+        from engine.engine import resolve_device
+
+        # the device the engine will use (None picks CUDA when there is one): nccl there
+        is_cuda = resolve_device(self.config.device).startswith("cuda")
+        join_group(host, port, self.rank, self.size, is_cuda=is_cuda)
         options = self._plan() if self.rank == 0 else None
         if self.size > 1:
             options = broadcast_object(options)
