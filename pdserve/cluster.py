@@ -84,6 +84,8 @@ class Cluster:
         self.fingerprint = Fingerprint.of_model(config.model_dir, config.block_size,
                                                 config.dtype, config.kv_transfer_dtype)
         self._lock = threading.RLock()
+        self._watchers_lock = threading.Lock()
+        self._decode_watchers: list[tuple[Callable, Callable]] = []
         self._is_shutting_down = False
         self.num_restarts = 0
         self.decodes: list[WorkerGroup] = []
@@ -97,7 +99,6 @@ class Cluster:
                 self._introduce_decodes(prefill, self.decodes)
             for decode in self.decodes:
                 self._introduce_prefills(decode, self.prefills)
-            self._decode_watchers: list[tuple[Callable, Callable]] = []
             self.client = RequestPlaneClient(self.fingerprint, self.secret)
             for decode in self.decodes:
                 self.client.add_decode(decode.worker_id, decode.address)
@@ -197,7 +198,7 @@ class Cluster:
                 for prefill in self.prefills:
                     ray.get(prefill.driver.control.remote("lose_decode", dead.agents))
                 self.client.remove_decode(dead.worker_id)
-                for _, removed in list(self._decode_watchers):
+                for _, removed in self._watchers():
                     removed(dead.worker_id)
                 new = self._start_group("decode", dead.index, dead.incarnation + 1)
                 self.decodes[self.decodes.index(dead)] = new
@@ -205,7 +206,7 @@ class Cluster:
                     self._introduce_decodes(prefill, [new])
                 self._introduce_prefills(new, self.prefills)
                 self.client.add_decode(new.worker_id, new.address)
-                for added, _ in list(self._decode_watchers):
+                for added, _ in self._watchers():
                     added(new.worker_id, new.address)
             self.num_restarts += 1
 
@@ -246,14 +247,19 @@ class Cluster:
 
     def watch_decodes(self, added: Callable[[str, tuple[str, int]], None],
                       removed: Callable[[str], None]) -> None:
-        """Be told (on the supervisor thread) when a decode worker is replaced: ``removed``
-        with the dead worker's id, then ``added`` with its successor's id and address."""
-        with self._lock:
+        """Be told (on the supervisor thread, which the callbacks must not block) when a
+        decode worker is replaced: ``removed`` with the dead worker's id, then ``added``
+        with its successor's id and address."""
+        with self._watchers_lock:  # not the cluster lock: a restart may hold that a while
             self._decode_watchers.append((added, removed))
 
     def unwatch_decodes(self, added: Callable, removed: Callable) -> None:
-        with self._lock:
+        with self._watchers_lock:
             self._decode_watchers.remove((added, removed))
+
+    def _watchers(self) -> list[tuple[Callable, Callable]]:
+        with self._watchers_lock:
+            return list(self._decode_watchers)
 
     def kill_decode_rank(self, index: int, rank: int = 0) -> None:
         """Kill one decode rank's process, as a crash would."""

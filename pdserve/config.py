@@ -116,6 +116,7 @@ class RouterConfig:
     tokenizer_threads: int = 2
     served_model_name: str | None = None  # None: the model directory's name
     retry_after_s: int = 1
+    max_request_bytes: int = 4 * 1024 * 1024  # a larger HTTP body is answered 413
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -132,6 +133,7 @@ class RouterConfig:
                 not isinstance(self.served_model_name, str) or not self.served_model_name):
             _fail("router.served_model_name", self.served_model_name, "a non-empty string")
         _check_int("router.retry_after_s", self.retry_after_s, 0)
+        _check_int("router.max_request_bytes", self.max_request_bytes, 1)
 
 
 @dataclass(frozen=True, slots=True)

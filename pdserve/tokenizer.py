@@ -72,6 +72,13 @@ class Tokenizer:
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_without_gil(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``encode`` for a worker thread: the batch call releases the GIL while it runs,
+        where the single call holds it and so stalls every other thread (an event loop)."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 

@@ -90,8 +90,12 @@ class Connection:
             self.is_closed = True
 
     def _write(self, frame: bytes) -> None:
-        if not self.is_closed:
+        if self.is_closed or self._writer.transport.is_closing():
+            return
+        try:
             self._writer.write(frame)
+        except (RuntimeError, OSError):  # the peer reset it: its reader sees the close
+            self._close()
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._close)

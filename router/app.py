@@ -8,6 +8,7 @@ OpenAI-style error body. A streamed response whose worker fails ends with an err
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -110,23 +111,22 @@ class _RequireAPIKey:
 async def _generate(router: Router, http: Request,
                     parse: Callable[[object], GenerateRequest]) -> Response:
     arrived_s = http.scope.get("pdserve.arrived_s") or time.perf_counter()
-    request_id = http.headers.get("x-request-id") or uuid.uuid4().hex
+    given_id = http.headers.get("x-request-id")
+    request_id = given_id if given_id and _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
     headers = {"X-Request-Id": request_id}
     try:
-        if not _REQUEST_ID.fullmatch(request_id):
+        if given_id is not None and given_id != request_id:
             raise bad_request("X-Request-Id must be 1-128 of [A-Za-z0-9._:-]", "X-Request-Id")
-        request = parse(await _json_body(http))
+        request = parse(await _json_body(http, router.config.max_request_bytes))
         generation = await router.open(request, request_id, arrived_s,
                                        client_gone=lambda: _disconnected(http))
     except ClientGone:
         router.metrics.requests.inc(labels=("cancelled",))
         return Response(status_code=499, headers=headers)
     except APIError as error:
-        if error.status in (429, 503):
-            headers["Retry-After"] = str(router.config.retry_after_s)
-        if error.status < 500 and error.status != 429:
-            router.metrics.requests.inc(labels=("invalid",))
-        return JSONResponse(error.body(), error.status, headers=headers)
+        status = "rejected" if error.status in (429, 503) else "invalid"
+        router.metrics.requests.inc(labels=(status,))
+        return _error_response(router, error, headers)
     headers["X-Pdserve-Worker"] = generation.handle.worker_id
     if request.stream:
         return StreamingResponse(_sse(generation), media_type="text/event-stream",
@@ -134,7 +134,7 @@ async def _generate(router: Router, http: Request,
     try:
         result = await _until_disconnect(http, _collect(generation))
     except APIError as error:
-        return JSONResponse(error.body(), error.status, headers=headers)
+        return _error_response(router, error, headers)
     finally:
         generation.close()
     if result is None:
@@ -144,21 +144,38 @@ async def _generate(router: Router, http: Request,
     return JSONResponse(body, headers=headers)
 
 
-async def _json_body(http: Request) -> object:
-    raw = await http.body()
+def _error_response(router: Router, error: APIError, headers: dict) -> JSONResponse:
+    if error.status in (429, 503):
+        headers = headers | {"Retry-After": str(router.config.retry_after_s)}
+    return JSONResponse(error.body(), error.status, headers=headers)
+
+
+async def _json_body(http: Request, max_bytes: int) -> object:
+    too_large = APIError(413, f"the request body is larger than {max_bytes} bytes "
+                              f"(router.max_request_bytes)", code="request_too_large")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    parts, size = [], 0
+    async for part in http.stream():
+        size += len(part)
+        if size > max_bytes:
+            raise too_large
+        parts.append(part)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return json.loads(b"".join(parts))
+    except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, absurd numbers
         raise bad_request(f"the request body is not valid JSON: {error}",
                           code="invalid_json") from None
 
 
 async def _collect(generation: Generation) -> tuple[str, Outcome]:
     parts: list[str] = []
-    async for event in generation.events():
-        if isinstance(event, Outcome):
-            return "".join(parts), event
-        parts.append(event)
+    async with contextlib.aclosing(generation.events()) as events:
+        async for event in events:
+            if isinstance(event, Outcome):
+                return "".join(parts), event
+            parts.append(event)
     raise RuntimeError("a generation ended without an outcome")
 
 
@@ -168,15 +185,17 @@ async def _sse(generation: Generation) -> AsyncIterator[str]:
     try:
         if request.kind == "chat":
             yield _event(chunk(request, request_id, created, None, role=True))
-        async for event in generation.events():
-            if isinstance(event, Outcome):
-                yield _event(chunk(request, request_id, created,
-                                   None if request.kind == "chat" else "",
-                                   event.finish_reason))
-                if request.include_usage:
-                    yield _event(usage_chunk(request, request_id, created, _usage(event)))
-            else:
-                yield _event(chunk(request, request_id, created, event))
+        async with contextlib.aclosing(generation.events()) as events:
+            async for event in events:
+                if isinstance(event, Outcome):
+                    yield _event(chunk(request, request_id, created,
+                                       None if request.kind == "chat" else "",
+                                       event.finish_reason))
+                    if request.include_usage:
+                        yield _event(usage_chunk(request, request_id, created,
+                                                 _usage(event)))
+                else:
+                    yield _event(chunk(request, request_id, created, event))
     except APIError as error:
         yield _event(error.body())
     finally:
@@ -199,6 +218,9 @@ async def _until_disconnect(http: Request, work):
     watcher = asyncio.ensure_future(_disconnected(http))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task.done():

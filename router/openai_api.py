@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # text that could still become a stop string is held back
+MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**63 - 1
 
 # parameter -> the values that mean "off", which are accepted
@@ -32,7 +34,7 @@ _UNSUPPORTED: dict[str, tuple] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
+    "parallel_tool_calls": (None, True, False),  # meaningless without tools
     "min_tokens": (None, 0),
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -166,13 +168,14 @@ def _common(body: dict, request: GenerateRequest) -> None:
         if request.top_p == 0:
             raise bad_request("top_p=0 is invalid: must be in (0, 1]", "top_p")
     if body.get("top_k") is not None:
-        request.top_k = _int(body, "top_k", -1)
+        request.top_k = _int(body, "top_k", -1, MAX_INT32)
     if body.get("seed") is not None:
         request.seed = _int(body, "seed", 0, MAX_SEED)
     request.stop = _stop(body.get("stop"))
     if body.get("stop_token_ids") is not None:
         ids = body["stop_token_ids"]
-        if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
+        if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t <= MAX_INT32
+                                                for t in ids):
             raise bad_request("stop_token_ids must be a list of token ids", "stop_token_ids")
         request.stop_token_ids = list(ids)
     request.ignore_eos = _bool(body, "ignore_eos")
@@ -209,6 +212,10 @@ def _messages(messages: Any) -> list[dict]:
             raise bad_request(f"{where}.role must be one of {list(_ROLES)}, got {role!r}",
                               f"{where}.role")
         checked.append({"role": role, "content": _content(message.get("content"), where)})
+        if message.get("name") is not None:
+            if not isinstance(message["name"], str):
+                raise bad_request(f"{where}.name must be a string", f"{where}.name")
+            checked[-1]["name"] = message["name"]
     return checked
 
 
@@ -223,7 +230,7 @@ def _content(content: Any, where: str) -> str:
                 raise bad_request(f"{where}.content: only text parts are supported",
                                   f"{where}.content", "unsupported_parameter")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)
     raise bad_request(f"{where}.content must be a string or a list of text parts",
                       f"{where}.content")
 
@@ -234,6 +241,8 @@ def _stop(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise bad_request("stop must be a non-empty string or a list of them", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"a stop string is longer than {MAX_STOP_CHARS} characters", "stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"stop holds {len(stops)} strings, more than {MAX_STOP_STRINGS}",
                           "stop")

@@ -20,6 +20,7 @@ import uvicorn
 import uvloop
 
 from pdserve.config import RouterConfig
+from pdserve.protocol import ProtocolError
 from router.app import build_app
 from router.service import Router
 
@@ -30,11 +31,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, router: Router, drain_timeout_s: float):
         super().__init__(config)
         self.router, self.drain_timeout_s = router, drain_timeout_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets=None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        self._loop = asyncio.get_running_loop()  # made on the loop it serves from
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.router.is_draining:  # asked twice: stop now
@@ -44,8 +41,7 @@ class DrainingServer(uvicorn.Server):
         logger.warning("pdserve: draining (%d requests in flight; up to %.0f s); "
                        "signal again to stop at once", self.router.num_in_flight,
                        self.drain_timeout_s)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     def drain(self) -> None:
         """From any thread: what SIGTERM does."""
@@ -69,16 +65,21 @@ async def run_router(cluster, config: RouterConfig, api_key: str | None,
                     max_running=config.max_running or cluster.max_running,
                     worker_stats=cluster.stats)
     loop = asyncio.get_running_loop()
-    for worker_id, address in cluster.decode_addresses():
-        await router.links.add(worker_id, address)
 
-    def added(worker_id: str, address: tuple[str, int]) -> None:  # supervisor thread
-        asyncio.run_coroutine_threadsafe(router.links.add(worker_id, address), loop).result(60)
+    def added(worker_id: str, address: tuple[str, int]) -> None:  # the supervisor's thread
+        loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(router.links.add_with_retry(worker_id, address)))
 
     def removed(worker_id: str) -> None:
         loop.call_soon_threadsafe(router.links.remove, worker_id)
 
-    cluster.watch_decodes(added, removed)
+    cluster.watch_decodes(added, removed)  # first: a restart from now on is not missed
+    for worker_id, address in cluster.decode_addresses():
+        try:
+            await router.links.add(worker_id, address)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as error:
+            logger.warning("router: %s is not reachable (%s); serving without it until it "
+                           "is replaced", worker_id, error)
     server = DrainingServer(uvicorn.Config(
         build_app(router, api_key), host=config.host, port=config.port, http="httptools",
         lifespan="off", log_level="warning", access_log=False,

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
+
 from pdserve.checkpoint_files import read_json
 from pdserve.config import RouterConfig
 from pdserve.hashing import hash_blocks
@@ -27,7 +29,7 @@ from router.detokenizer import TextStream
 from router.kv_index import KVIndex
 from router.openai_api import APIError, GenerateRequest, bad_request
 from router.router_metrics import RouterMetrics
-from router.workers import DecodeLinks, NoWorker, RequestHandle
+from router.workers import WORKER_LOST, DecodeLinks, NoWorker, RequestHandle
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +104,15 @@ class Router:
     async def _open(self, request: GenerateRequest, request_id: str, arrived_s: float,
                     client_gone: Callable[[], Awaitable[None]] | None) -> Generation:
         if _is_short(request):  # cheaper than the hop to the pool and back
-            prompt_token_ids, block_hashes = self._tokenize(request)
+            prompt_token_ids, block_hashes = self._tokenize(request, in_pool=False)
         else:
             prompt_token_ids, block_hashes = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._tokenize, request)
+                self.pool, self._tokenize, request, True)
         max_tokens = self._max_tokens(request, len(prompt_token_ids))
+        bad = next((t for t in request.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"stop_token_ids holds {bad}, outside the vocabulary "
+                              f"[0, {self.vocab_size})", "stop_token_ids")
         if not self.admission.try_acquire():
             await self._wait_for_slot(request.priority, client_gone)
         try:
@@ -116,9 +122,9 @@ class Router:
         except NoWorker as error:
             self.admission.release()
             raise APIError(503, f"{error}; retry later", code="no_worker") from None
-        except ValueError as error:
+        except BaseException:
             self.admission.release()
-            raise bad_request(str(error), "X-Request-Id") from None
+            raise
         return Generation(self, request, handle, len(prompt_token_ids), arrived_s)
 
     async def _wait_for_slot(self, priority: int,
@@ -128,6 +134,9 @@ class Router:
         try:
             await asyncio.wait([t for t in (waiter, watcher) if t],
                                return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # cancelled from outside (shutdown)
+            waiter.cancel()  # its own handler passes on a slot it was just handed
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -146,8 +155,10 @@ class Router:
             raise APIError(429, f"the server is at capacity: {error}; retry later",
                            code="overloaded") from None
 
-    def _tokenize(self, request: GenerateRequest) -> tuple[list[int], list[int]]:
+    def _tokenize(self, request: GenerateRequest,
+                  in_pool: bool) -> tuple[list[int], list[int]]:
         """The prompt's token ids and block hashes: in the thread pool unless short."""
+        encode = self.tokenizer.encode_without_gil if in_pool else self.tokenizer.encode
         if request.prompt_token_ids is not None:
             token_ids = request.prompt_token_ids
             bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
@@ -157,11 +168,12 @@ class Router:
         elif request.messages is not None:
             try:
                 text = self.tokenizer.apply_chat_template(request.messages)
-            except ValueError as error:
-                raise bad_request(str(error), "messages") from None
-            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            except (ValueError, jinja2.TemplateError) as error:
+                raise bad_request(f"the chat template cannot render these messages: {error}",
+                                  "messages") from None
+            token_ids = encode(text, add_special_tokens=False)
         else:
-            token_ids = self.tokenizer.encode(request.prompt_text)
+            token_ids = encode(request.prompt_text)
         if not token_ids:
             raise bad_request("the prompt has no tokens", "prompt")
         return token_ids, hash_blocks(token_ids, self.block_size)
@@ -226,7 +238,8 @@ class Generation:
                 now = time.perf_counter()
                 if chunk.error:
                     status = "error"
-                    raise self._failure(chunk.error)
+                    raise self._failure(chunk.error,
+                                        is_worker_lost=chunk.finish_reason == WORKER_LOST)
                 num_cached_tokens = max(num_cached_tokens, chunk.num_cached_tokens)
                 if chunk.token_ids:
                     if last_token_s is None:
@@ -248,7 +261,8 @@ class Generation:
                     router.links.finish(handle)
                     if chunk.finish_reason not in ("stop", "length"):
                         status = "error"
-                        raise self._failure(f"the request ended: {chunk.finish_reason}")
+                        raise self._failure(f"the request ended: {chunk.finish_reason}",
+                                            is_worker_lost=False)
                     finish_reason = chunk.finish_reason
                     break
             tail = text.finish()
@@ -259,6 +273,13 @@ class Generation:
             self.close("success")  # now: the caller may stop iterating at the outcome
             yield Outcome(finish_reason, self.num_prompt_tokens, num_output_tokens,
                           num_cached_tokens)
+        except (APIError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            status = "error"
+            logger.exception("request %s failed in the router", self.handle.request_id)
+            raise APIError(500, "the router failed on this request; see its log",
+                           code="internal_error") from None
         finally:
             self.close(status)
 
@@ -272,16 +293,18 @@ class Generation:
         if self._is_closed:
             return
         self._is_closed = True
-        if not self.handle.is_done:
-            self.router.links.cancel(self.handle)
-        self.router.admission.release()
-        self.router.metrics.requests.inc(labels=(status,))
-        self.router._end()
+        try:
+            if not self.handle.is_done:
+                self.router.links.cancel(self.handle)
+        finally:
+            self.router.admission.release()
+            self.router.metrics.requests.inc(labels=(status,))
+            self.router._end()
 
-    def _failure(self, message: str) -> APIError:
+    def _failure(self, message: str, is_worker_lost: bool) -> APIError:
         """A 5xx: a streamed response sends it as an error event."""
         logger.warning("request %s failed on %s: %s", self.handle.request_id,
                        self.handle.worker_id, message)
-        status = 503 if "went away" in message else 500
+        status = 503 if is_worker_lost else 500
         return APIError(status, f"the request failed on the worker: {message}",
                         code="worker_error")

@@ -4,11 +4,16 @@ Each link is a request-plane connection that carries ``Generate``/``Cancel`` out
 chunks, KV events and load back; the KV events feed the ``KVIndex`` that picks a worker.
 When a link closes, a request that has not produced a token yet is sent to another worker
 (nothing was streamed, so nothing is lost); one that has ends with an error chunk.
+
+On the wire a request goes by its ``X-Request-Id``, unless that id is still in use here:
+running, or cancelled and not yet confirmed by its worker's last chunk (a client retrying
+with the same id). Then it gets a suffix, so no chunk of the old request can reach the new.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +24,9 @@ from pdserve.transport import Connection, open_connection
 from router.kv_index import KVIndex
 
 logger = logging.getLogger(__name__)
+
+_ADD_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+WORKER_LOST = "worker_lost"  # the finish reason of the chunk that ends a lost worker's request
 
 
 @dataclass(slots=True)
@@ -35,12 +43,14 @@ class RequestHandle:
     """One request on a worker: ``(received_s, TokenChunk)`` pairs arrive on ``chunks``
     (perf_counter time of arrival at the router); the last chunk has ``finished``."""
 
-    request_id: str
+    request_id: str  # the client's
+    wire_id: str  # the request plane's
     generate: protocol.Generate
     block_hashes: list[int]
     worker_id: str = ""
     submitted_s: float = 0.0  # when Generate went out on the request plane
     num_tokens_received: int = 0
+    num_shared_tokens: int = 0  # prompt tokens its worker held cached when it was sent
     is_done: bool = False
     chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -54,23 +64,51 @@ class DecodeLinks:
         self.fingerprint, self.secret = fingerprint, secret
         self.index = index
         self.links: dict[str, Link] = {}
-        self.requests: dict[str, RequestHandle] = {}
+        self.requests: dict[str, RequestHandle] = {}  # by wire id
+        self.retired: dict[str, str] = {}  # cancelled wire id -> its worker, until confirmed
         self.num_resubmitted = 0
+        self._suffixes = itertools.count(1)
 
     @property
     def ready_workers(self) -> list[str]:
         return sorted(w for w, link in self.links.items() if link.is_synced)
 
+    def handle(self, request_id: str) -> RequestHandle | None:
+        """The running request the client calls ``request_id`` (tests, debugging)."""
+        return next((h for h in self.requests.values() if h.request_id == request_id), None)
+
     async def add(self, worker_id: str, address: tuple[str, int],
                   timeout_s: float = 60.0) -> None:
         """Connect and subscribe; returns once the worker's KV snapshot is in the index."""
+        if worker_id in self.links:
+            return
         connection = await open_connection(address[0], address[1], "router", self.fingerprint,
                                            self.secret, self._on_message, self._on_close)
-        link = self.links[worker_id] = Link(worker_id, connection)
+        link = Link(worker_id, connection)
         self.index.add_worker(worker_id)
+        self.links[worker_id] = link
         connection.send(protocol.Subscribe())
-        await asyncio.wait_for(asyncio.shield(link.synced), timeout_s)
+        try:
+            await asyncio.wait_for(asyncio.shield(link.synced), timeout_s)
+        except BaseException:
+            connection.close()
+            raise
         logger.info("router: linked to %s at %s:%d", worker_id, *address)
+
+    async def add_with_retry(self, worker_id: str, address: tuple[str, int]) -> None:
+        """``add``, retried with backoff: a worker that just started may still be settling."""
+        for attempt, backoff_s in enumerate((*_ADD_RETRY_S, None)):
+            try:
+                await self.add(worker_id, address)
+                return
+            except (OSError, asyncio.TimeoutError, protocol.ProtocolError) as error:
+                if backoff_s is None:
+                    logger.error("router: giving up on %s after %d attempts: %s", worker_id,
+                                 attempt + 1, error)
+                    return
+                logger.warning("router: cannot link to %s (%s); retrying in %.1f s",
+                               worker_id, error, backoff_s)
+                await asyncio.sleep(backoff_s)
 
     def remove(self, worker_id: str) -> None:
         link = self.links.get(worker_id)
@@ -83,21 +121,25 @@ class DecodeLinks:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: dict,
                priority: int, block_hashes: list[int]) -> RequestHandle:
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already running")
-        handle = RequestHandle(request_id, protocol.Generate(
-            request_id, prompt_token_ids, sampling, priority), block_hashes)
+        wire_id = request_id
+        if wire_id in self.requests or wire_id in self.retired:
+            wire_id = f"{request_id}#{next(self._suffixes)}"
+        handle = RequestHandle(request_id, wire_id, protocol.Generate(
+            wire_id, prompt_token_ids, sampling, priority), block_hashes)
         self._send(handle)
-        self.requests[request_id] = handle
+        self.requests[wire_id] = handle
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
         """Stop the request on its worker (which cancels its remote prefill and frees its
         blocks); its remaining chunks are dropped."""
+        if handle.is_done:
+            return
         self._forget(handle)
         link = self.links.get(handle.worker_id)
         if link is not None:
-            link.connection.send(protocol.Cancel(handle.request_id))
+            self.retired[handle.wire_id] = handle.worker_id
+            link.connection.send(protocol.Cancel(handle.wire_id))
 
     def finish(self, handle: RequestHandle) -> None:
         self._forget(handle)
@@ -105,33 +147,32 @@ class DecodeLinks:
     def _forget(self, handle: RequestHandle) -> None:
         if not handle.is_done:
             handle.is_done = True
-            self.requests.pop(handle.request_id, None)
-            self.index.finish_request(handle.request_id)
+            self.requests.pop(handle.wire_id, None)
+            self.index.finish_request(handle.wire_id)
 
     def _send(self, handle: RequestHandle, exclude: str = "") -> None:
         candidates = [w for w in self.ready_workers if w != exclude]
         if not candidates:
             raise NoWorker("no decode worker is ready")
         worker_id = self.index.choose(handle.block_hashes, candidates)
-        handle.worker_id = worker_id
-        self.index.start_request(worker_id, handle.request_id,
-                                 len(handle.generate.prompt_token_ids))
-        self.links[worker_id].connection.send(handle.generate)
+        self.links[worker_id].connection.send(handle.generate)  # raises before it writes
         handle.submitted_s = time.perf_counter()
+        handle.worker_id = worker_id
+        # Blocks the worker already holds are shared, not added by this request.
+        num_cached_blocks = len(handle.block_hashes) - self.index.blocks_to_prefill(
+            worker_id, handle.block_hashes)
+        handle.num_shared_tokens = num_cached_blocks * self.index.block_size
+        self.index.start_request(worker_id, handle.wire_id, self._active_tokens(handle))
+
+    def _active_tokens(self, handle: RequestHandle) -> int:
+        return (len(handle.generate.prompt_token_ids) + handle.num_tokens_received
+                - handle.num_shared_tokens)
 
     # -- from the workers (on the loop) ---------------------------------------------------
 
     def _on_message(self, connection: Connection, msg) -> None:
         if isinstance(msg, TokenChunk):
-            handle = self.requests.get(msg.request_id)
-            if handle is None:
-                return  # cancelled: the worker's last chunks are dropped
-            handle.num_tokens_received += len(msg.token_ids)
-            if msg.token_ids:
-                self.index.update_request(
-                    msg.request_id,
-                    len(handle.generate.prompt_token_ids) + handle.num_tokens_received)
-            handle.chunks.put_nowait((time.perf_counter(), msg))
+            self._on_chunk(msg)
         elif isinstance(msg, protocol.KVEvents):
             if msg.worker_id in self.links and not self.index.apply_events(msg):
                 logger.info("router: gap in %s's KV events; taking a snapshot", msg.worker_id)
@@ -149,6 +190,17 @@ class DecodeLinks:
         elif isinstance(msg, protocol.Error):
             logger.warning("router: %s reported: %s", connection.peer, msg.message)
 
+    def _on_chunk(self, msg: TokenChunk) -> None:
+        handle = self.requests.get(msg.request_id)
+        if handle is None:  # cancelled: drop the rest; the last one confirms the cancel
+            if msg.finished:
+                self.retired.pop(msg.request_id, None)
+            return
+        handle.num_tokens_received += len(msg.token_ids)
+        if msg.token_ids:
+            self.index.update_request(handle.wire_id, self._active_tokens(handle))
+        handle.chunks.put_nowait((time.perf_counter(), msg))
+
     def _on_close(self, connection: Connection) -> None:
         worker_id = next((w for w, link in self.links.items()
                           if link.connection is connection), None)
@@ -157,14 +209,19 @@ class DecodeLinks:
         link = self.links.pop(worker_id)
         if not link.synced.done():
             link.synced.set_exception(ConnectionError(f"decode worker {worker_id} went away"))
+            link.synced.exception()  # retrieved: nobody may be waiting for it any more
         logger.warning("router: lost decode worker %s", worker_id)
+        self.retired = {r: w for r, w in self.retired.items() if w != worker_id}
         for handle in [h for h in self.requests.values() if h.worker_id == worker_id]:
-            self.index.finish_request(handle.request_id)
-            if handle.num_tokens_received == 0 and self._resubmit(handle, worker_id):
-                continue
+            self.index.finish_request(handle.wire_id)
+            try:
+                if handle.num_tokens_received == 0 and self._resubmit(handle, worker_id):
+                    continue
+            except Exception:  # another link failing at the same moment: fail this one
+                logger.exception("router: could not move request %s", handle.request_id)
             self._forget(handle)
             handle.chunks.put_nowait((time.perf_counter(), TokenChunk(
-                handle.request_id, [], True, "", f"decode worker {worker_id} went away")))
+                handle.wire_id, [], True, WORKER_LOST, f"decode worker {worker_id} went away")))
         self.index.remove_worker(worker_id)
 
     def _resubmit(self, handle: RequestHandle, dead_worker: str) -> bool:

@@ -239,6 +239,15 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_object"}}, 400,
      "response_format"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "top_k": 10**30}, 400, "top_k"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop_token_ids": [10**30]}, 400,
+     "stop_token_ids"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop_token_ids": [10**6]}, 400,
+     "stop_token_ids"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop": "x" * 2000}, 400, "stop"),
+    ("/v1/completions", b'{"model": "m", "max_tokens": ' + b"1" * 5000 + b"}", 400, None),
+    ("/v1/completions", b"[" * 100_000, 400, None),
+    ("/v1/completions", b'{"prompt": "' + b"x" * (5 << 20) + b'"}', 413, None),
     ("/v1/nowhere", {}, 404, None),
 ]
 
@@ -262,6 +271,10 @@ def test_bad_requests_get_openai_errors_and_leave_nothing_behind(cluster, server
         ok = http.post("/v1/completions", json={"model": model_name, "prompt": "hi",
                                                 "max_tokens": 2})
         assert ok.status_code == 200
+    router = server.router
+    assert (router.admission.num_running, router.num_in_flight) == (0, 0)
+    assert router.links.requests == {}
+    assert all(router.index.num_in_flight(w) == 0 for w in router.index.worker_ids)
     wait_for(lambda: is_idle(cluster), "the pools to be idle")
 
 
@@ -306,6 +319,37 @@ def test_client_disconnect_mid_stream_cancels_and_frees_every_block(cluster, ser
     wait_for(lambda: is_idle(cluster), "every block back in the pools")
     (after,) = worker_stats(cluster, "decode")
     assert after["num_finished"] == before["num_finished"]  # aborted, not run to 500
+
+
+def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(
+        cluster, server, model_name):
+    driver = cluster.decode_driver(0)
+    ray.get(driver.hold.remote("again", 2))
+    body = {"model": model_name, "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "again"},
+                         json=body | {"stream": True}) as response:
+            assert ray.get(driver.wait_holding.remote(60))
+    wait_for(lambda: server.router.links.handle("again") is None, "the router to cancel")
+    result: dict = {}
+
+    def retry() -> None:  # the same id while the worker has not confirmed the cancel
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            result["response"] = http.post("/v1/completions", json=body,
+                                           headers={"X-Request-Id": "again"})
+
+    thread = threading.Thread(target=retry)
+    thread.start()
+    wait_for(lambda: server.router.links.handle("again") is not None, "the retry to start")
+    assert server.router.links.handle("again").wire_id == "again#1"
+    ray.get(driver.release_hold.remote())
+    thread.join(120)
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "again"
+    assert response.json()["usage"]["completion_tokens"] == 4
+    wait_for(lambda: not server.router.links.retired, "the cancel to be confirmed")
+    wait_for(lambda: is_idle(cluster), "every block back in the pools")
 
 
 def test_client_disconnect_during_remote_prefill_cancels_the_job(cluster, server, model_name,
