@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 RETRY_STATUSES = frozenset({429, 503})
+MAX_RETRY_AFTER_S = 60.0  # the longest wait a Retry-After header can ask for
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +113,8 @@ class ClientConfig:
 
     def delay_s(self, error: APIError, attempt: int) -> float:
         """The wait before the next try: the server's ``Retry-After``, else exponential."""
-        if error.retry_after_s is not None:
-            return error.retry_after_s
+        if error.retry_after_s is not None:  # bounded: a server's header is not trusted
+            return min(error.retry_after_s, MAX_RETRY_AFTER_S)
         return self.backoff_s * 2**attempt
 
 

@@ -67,7 +67,15 @@ class Admission:
             else:
                 self._num_waiting -= 1
                 waiter.future.cancel()
+                self._compact()
             raise
+
+    def _compact(self) -> None:
+        """Drop cancelled waiters once they outnumber the live ones (the heap drops them
+        lazily; under churn they would pile up)."""
+        if len(self._waiters) > 2 * self._num_waiting + 64:
+            self._waiters = [w for w in self._waiters if not w.future.done()]
+            heapq.heapify(self._waiters)
 
     def release(self) -> None:
         """Give the slot to the best waiter, or free it."""

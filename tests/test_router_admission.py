@@ -80,3 +80,19 @@ def test_bad_limits_name_the_field():
         Admission(max_running=0, max_queue=1)
     with pytest.raises(ValueError, match="max_queue=-1"):
         Admission(max_running=1, max_queue=-1)
+
+
+def test_cancelled_waiters_do_not_pile_up():
+    async def scenario() -> int:
+        admission = Admission(max_running=1, max_queue=1000)
+        await admission.acquire()
+        for _ in range(500):  # waiters that give up, as timed-out clients do
+            waiter = asyncio.ensure_future(admission.acquire())
+            await _run_ready_tasks()
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        assert admission.num_waiting == 0
+        return len(admission._waiters)
+
+    assert asyncio.run(scenario()) <= 65
