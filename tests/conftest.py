@@ -49,3 +49,16 @@ def ray_session():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_llama_dir):
+    from pdserve.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def model_name(tiny_llama_dir) -> str:
+    """The tiny model's id on the HTTP API: its directory's name."""
+    return tiny_llama_dir.name

@@ -17,7 +17,6 @@ import pytest
 import ray
 
 from pdserve.cluster import launch
-from pdserve.tokenizer import Tokenizer
 from router.server import RouterThread
 from tests.cluster_harness import cluster_config, is_idle, offline_greedy, wait_for, worker_stats
 
@@ -45,25 +44,15 @@ def server(cluster):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_llama_dir):
-    return Tokenizer.from_dir(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def model_name(tiny_llama_dir):
-    return tiny_llama_dir.name
-
-
-@pytest.fixture(scope="module")
 def openai_client(server):
     with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
         yield client
 
 
-def _expected_text(tiny_llama_dir, tokenizer, token_ids: list[int],
+def _expected_text(tiny_llama_dir, tiny_tokenizer, token_ids: list[int],
                    max_tokens: int = MAX_TOKENS) -> str:
     (output,) = offline_greedy(tiny_llama_dir, [token_ids], max_tokens)
-    return tokenizer.decode(output)
+    return tiny_tokenizer.decode(output)
 
 
 def _stream_text(stream) -> tuple[str, list]:
@@ -83,17 +72,17 @@ def _remote_count(cluster) -> int:
     return stats["prefills"].get("remote", 0)
 
 
-def test_openai_completions_equal_the_offline_engine(cluster, server, openai_client, tokenizer,
+def test_openai_completions_equal_the_offline_engine(cluster, server, openai_client, tiny_tokenizer,
                                                      tiny_llama_dir, model_name, greedy_prompts):
     remote_before = _remote_count(cluster)
     for prompt in (*greedy_prompts[:3], LONG_PROMPT):
-        expected = _expected_text(tiny_llama_dir, tokenizer, tokenizer.encode(prompt))
+        expected = _expected_text(tiny_llama_dir, tiny_tokenizer, tiny_tokenizer.encode(prompt))
         result = openai_client.completions.create(
             model=model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
             extra_body=NO_EOS)
         assert result.choices[0].text == expected
         assert result.choices[0].finish_reason == "length"
-        assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
+        assert result.usage.prompt_tokens == len(tiny_tokenizer.encode(prompt))
         assert result.usage.completion_tokens == MAX_TOKENS
         streamed, chunks = _stream_text(openai_client.completions.create(
             model=model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
@@ -103,20 +92,20 @@ def test_openai_completions_equal_the_offline_engine(cluster, server, openai_cli
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     # the long prompt was prefilled remotely once; the second time its blocks were cached
     assert _remote_count(cluster) == remote_before + 1
-    token_ids = tokenizer.encode(greedy_prompts[4])
+    token_ids = tiny_tokenizer.encode(greedy_prompts[4])
     result = openai_client.completions.create(model=model_name, prompt=token_ids,
                                               max_tokens=MAX_TOKENS, temperature=0,
                                               extra_body=NO_EOS)
-    assert result.choices[0].text == _expected_text(tiny_llama_dir, tokenizer, token_ids)
+    assert result.choices[0].text == _expected_text(tiny_llama_dir, tiny_tokenizer, token_ids)
 
 
-def test_openai_chat_equals_the_offline_engine(server, openai_client, tokenizer, tiny_llama_dir,
-                                               model_name):
+def test_openai_chat_equals_the_offline_engine(server, openai_client, tiny_tokenizer,
+                                               tiny_llama_dir, model_name):
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "Name a colour."}]
-    token_ids = tokenizer.encode(tokenizer.apply_chat_template(messages),
+    token_ids = tiny_tokenizer.encode(tiny_tokenizer.apply_chat_template(messages),
                                  add_special_tokens=False)
-    expected = _expected_text(tiny_llama_dir, tokenizer, token_ids)
+    expected = _expected_text(tiny_llama_dir, tiny_tokenizer, token_ids)
     result = openai_client.chat.completions.create(
         model=model_name, messages=messages, max_completion_tokens=MAX_TOKENS, temperature=0,
         extra_body=NO_EOS)
@@ -131,24 +120,24 @@ def test_openai_chat_equals_the_offline_engine(server, openai_client, tokenizer,
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
-def test_stop_strings_cut_the_text_streamed_or_not(server, openai_client, tokenizer,
+def test_stop_strings_cut_the_text_streamed_or_not(server, openai_client, tiny_tokenizer,
                                                    tiny_llama_dir, model_name, greedy_prompts,
                                                    kind):
     if kind == "completion":
-        token_ids = tokenizer.encode(greedy_prompts[0])
+        token_ids = tiny_tokenizer.encode(greedy_prompts[0])
 
         def create(**options):
             return openai_client.completions.create(model=model_name,
                                                     prompt=greedy_prompts[0], **options)
     else:
         messages = [{"role": "user", "content": greedy_prompts[1]}]
-        token_ids = tokenizer.encode(tokenizer.apply_chat_template(messages),
+        token_ids = tiny_tokenizer.encode(tiny_tokenizer.apply_chat_template(messages),
                                      add_special_tokens=False)
 
         def create(**options):
             return openai_client.chat.completions.create(model=model_name, messages=messages,
                                                          **options)
-    full = _expected_text(tiny_llama_dir, tokenizer, token_ids, 24)
+    full = _expected_text(tiny_llama_dir, tiny_tokenizer, token_ids, 24)
     stop = full[8:11]  # three characters from the middle of the greedy text
     expected = full[:full.index(stop)]
     result = create(max_tokens=24, temperature=0, stop=[stop, "never-there"], extra_body=NO_EOS)
@@ -162,11 +151,12 @@ def test_stop_strings_cut_the_text_streamed_or_not(server, openai_client, tokeni
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
-def test_sdk_sync_and_async_streaming_and_not(server, tokenizer, tiny_llama_dir, greedy_prompts):
+def test_sdk_sync_and_async_streaming_and_not(server, tiny_tokenizer, tiny_llama_dir,
+                                              greedy_prompts):
     from pdserve import AsyncClient, Client
 
     prompt = greedy_prompts[3]
-    expected = _expected_text(tiny_llama_dir, tokenizer, tokenizer.encode(prompt))
+    expected = _expected_text(tiny_llama_dir, tiny_tokenizer, tiny_tokenizer.encode(prompt))
     options = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     with Client(server.url) as client:
         result = client.complete(prompt, **options, request_id="sdk-sync")
@@ -353,7 +343,7 @@ def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(
 
 
 def test_client_disconnect_during_remote_prefill_cancels_the_job(cluster, server, model_name,
-                                                                 tokenizer):
+                                                                 tiny_tokenizer):
     driver = cluster.prefill_driver(0)
     prompt = fresh_long_prompt("leaver")
     ray.get(driver.hold.remote("leaver-remote", 0))

@@ -11,7 +11,6 @@ import ray
 
 from pdserve.cluster import launch
 from pdserve.hashing import hash_blocks
-from pdserve.tokenizer import Tokenizer
 from router.server import RouterThread
 from tests.cluster_harness import (
     BLOCK_SIZE,
@@ -37,16 +36,6 @@ def cluster(ray_session, tiny_llama_dir):
 def server(cluster):
     with RouterThread(cluster) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def model_name(tiny_llama_dir):
-    return tiny_llama_dir.name
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_llama_dir):
-    return Tokenizer.from_dir(tiny_llama_dir)
 
 
 def _group_prompt(group: int, member: int) -> list[int]:
@@ -104,7 +93,7 @@ def _decode_index(worker_id: str) -> int:
 
 
 def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(
-        cluster, server, model_name, tokenizer, tiny_llama_dir):
+        cluster, server, model_name, tiny_tokenizer, tiny_llama_dir):
     """The prefill worker holds the request's job, so its decode worker has streamed nothing
     when it dies: the router sends the request to the other decode worker."""
     prompt = [(5 * i) % 300 + 60 for i in range(100)]  # long: prefilled remotely
@@ -136,7 +125,7 @@ def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(
     assert "error" not in "".join(result["lines"])
     assert server.router.links.num_resubmitted == 1
     text = "".join(_event_text(line) for line in result["lines"][:-1])
-    assert text == tokenizer.decode(expected)
+    assert text == tiny_tokenizer.decode(expected)
     _wait_for_two_workers(cluster, server)
 
 
