@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
     serve.set_defaults(handler=_serve)
+
+    from pdserve.bench.main import __doc__ as bench_doc
+    from pdserve.bench.main import add_arguments
+
+    bench = commands.add_parser(
+        "bench", help="load an OpenAI-compatible server; latency, throughput, goodput",
+        description=bench_doc.split("\n\n")[0])
+    add_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -87,6 +96,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.api_key == "":
         raise ValueError("--api-key is empty: give a key, or leave it and PDSERVE_API_KEY unset")
     return serve(cluster_config(args), args.api_key)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pdserve.bench.main import main as bench_main
+
+    return bench_main(args)
 
 
 def cluster_config(args: argparse.Namespace) -> ClusterConfig:

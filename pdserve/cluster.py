@@ -66,6 +66,12 @@ def launch(config: ClusterConfig | str | Path) -> Cluster:
     return Cluster(config)
 
 
+def _pinned_cpu(role_config, slot: int) -> int | None:
+    """The core of the ``slot``-th rank of a role (worker-major), when the role is pinned."""
+    cpus = role_config.pin_cpus
+    return None if not cpus else cpus[slot % len(cpus)]
+
+
 def _init_ray(address: str) -> None:
     if ray.is_initialized():
         return
@@ -152,7 +158,8 @@ class Cluster:
             group.ranks.append(WorkerRank.options(
                 num_cpus=role_config.cpus_per_rank, num_gpus=role_config.gpus_per_rank,
                 scheduling_strategy=strategy, max_concurrency=8,
-                name=None).remote(group.role, group.worker_id, rank, size, config, self.secret))
+                name=None).remote(group.role, group.worker_id, rank, size, config, self.secret,
+                                  _pinned_cpu(role_config, group.index * size + rank)))
         host, port = ray.get(group.driver.master_address.remote())
         started = ray.get([r.start.remote(host, port) for r in group.ranks])
         group.address = tuple(started[0]["address"])

@@ -61,6 +61,7 @@ class DecodeConfig:
     staging_blocks: int = 256  # an fp8 wire into a pool in the model dtype lands here
     cpus_per_rank: float = 0.5  # Ray resources per tensor-parallel rank
     gpus_per_rank: float = 0.0  # set 1 on GPU clusters
+    pin_cpus: list[int] | None = None  # cores for the ranks, worker-major, wrapping (benchmarks)
 
     def __post_init__(self) -> None:
         _check_role_fields("decode", self, min_workers=1)
@@ -91,6 +92,7 @@ class PrefillConfig:
     send_buffer_blocks: int = 256  # a pool in the model dtype is quantized here for fp8
     cpus_per_rank: float = 0.5
     gpus_per_rank: float = 0.0
+    pin_cpus: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_role_fields("prefill", self, min_workers=0)
@@ -275,6 +277,10 @@ def _check_role_fields(role: str, config: DecodeConfig | PrefillConfig, *,
         _fail(f"{role}.enable_prefix_caching", config.enable_prefix_caching, "true or false")
     _check_number(f"{role}.cpus_per_rank", config.cpus_per_rank, 0, strict=True)
     _check_number(f"{role}.gpus_per_rank", config.gpus_per_rank, 0, strict=False)
+    cpus = config.pin_cpus
+    if cpus is not None and (not isinstance(cpus, (list, tuple)) or not cpus or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in cpus)):
+        _fail(f"{role}.pin_cpus", cpus, "null or a non-empty list of core numbers")
 
 
 def _check_section(role: str, value: Any, role_class: type) -> None:

@@ -9,6 +9,7 @@ thread. Torch, NIXL and the engine are imported inside the actor process only.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from typing import Any
@@ -19,12 +20,14 @@ import ray
 @ray.remote
 class WorkerRank:
     def __init__(self, role: str, worker_id: str, rank: int, size: int, config: dict,
-                 secret: str):
+                 secret: str, cpu: int | None = None):
         from pdserve.config import ClusterConfig
 
         self.role, self.worker_id, self.rank, self.size = role, worker_id, rank, size
         self.config = ClusterConfig.from_dict(config)
         self.secret = secret
+        if cpu is not None:  # a benchmark's hardware budget: this process on one core
+            os.sched_setaffinity(0, {cpu})
         self.driver: Any = None
         self.rank_worker: Any = None
         self._stopped = threading.Event()

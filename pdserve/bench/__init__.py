@@ -1,0 +1,1 @@
+"""The load generator behind `pdserve bench`: workloads, arrival times and statistics."""
