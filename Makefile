@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench bench-kvtransfer bench-cluster bench-router clean
+.PHONY: install test lint serve bench bench-kvtransfer bench-cluster bench-router bench-disagg clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-cluster: install
 
 bench-router: install
 	$(BIN)/python scripts/bench_router.py
+
+bench-disagg: install
+	$(BIN)/python scripts/bench_disagg.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -54,9 +54,17 @@ def main() -> int:
     parser.add_argument("--workloads", default="long,mixed")
     parser.add_argument("--requests", type=int, default=32, help="requests per probe")
     parser.add_argument("--steps", type=int, default=5, help="probes per mode per repeat")
+    parser.add_argument("--min-rate", type=float, default=0.5,
+                        help="do not probe below this rate: goodput is then reported as 0")
     parser.add_argument("--out", default="docs/bench_disagg.json")
     parser.add_argument("--plots", default="docs/plots")
+    parser.add_argument("--plot-prefix", default="disagg")
+    parser.add_argument("--slo-from", default=None,
+                        help="take the SLOs from an earlier run's JSON (same workloads)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--wire", default="fp8", choices=("fp8", "auto"),
+                        help="kv_transfer_dtype; with fp8 into model-dtype pools, landed "
+                             "blocks are lossy and stay out of decode's prefix cache")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,15 +80,20 @@ def main() -> int:
     saved = json.loads(out.read_text()) if args.resume and out.is_file() else {}
     state = {"command": "python scripts/bench_disagg.py " + " ".join(sys.argv[1:]),
              "commit": git_commit("router", "decode", "prefill", "engine", "pdserve"),
-             "cpu": cpu_name(), "cores": cores, "size": args.size, "k_ttft": K_TTFT,
+             "cpu": cpu_name(), "cores": cores, "size": args.size, "wire": args.wire,
+             "k_ttft": K_TTFT,
              "k_tpot": K_TPOT, "requests_per_probe": args.requests,
+             "min_rate": args.min_rate,
              "slo": saved.get("slo", {}), "points": saved.get("points", [])}
+    if args.slo_from:
+        state["slo"] = json.loads(Path(args.slo_from).read_text())["slo"]
+        state["slo_from"] = args.slo_from
     model_dir = str(ensure_default_model(args.size))
     ray.init(num_cpus=4 * len(cores), include_dashboard=False, log_to_driver=False)
     servers, clusters = {}, []
     try:
         for mode in MODES:
-            cluster = launch(_config(model_dir, mode, cores))
+            cluster = launch(_config(model_dir, mode, cores, args.wire))
             clusters.append(cluster)
             servers[mode] = RouterThread(cluster)
         print(f"clusters up on cores {cores}: " + ", ".join(
@@ -100,18 +113,18 @@ def main() -> int:
         ray.shutdown()
     state["goodput"] = _goodputs(state)
     _save(out, state)
-    _plot(state, Path(args.plots))
+    _plot(state, Path(args.plots), args.plot_prefix)
     _print_table(state)
     return 0
 
 
-def _config(model_dir: str, mode: str, cores: list[int]):
+def _config(model_dir: str, mode: str, cores: list[int], wire: str):
     from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 
     num_prefill = 0 if mode == "never" else 1
     decode_cores = cores[num_prefill:]
     return ClusterConfig(
-        model_dir=model_dir, kv_transfer_dtype="fp8", num_threads=1,
+        model_dir=model_dir, kv_transfer_dtype=wire, num_threads=1,
         decode=DecodeConfig(num_workers=len(decode_cores), disagg_mode=mode,
                             max_num_batched_tokens=256, pin_cpus=decode_cores,
                             cpus_per_rank=1.0),
@@ -147,6 +160,8 @@ def _bisect(state: dict, out: Path, servers: dict, workload: str, repeat: int,
         order = MODES[step % 3:] + MODES[:step % 3]
         for mode in order:
             rate = rates[mode]
+            if rate < args.min_rate:  # fails even below the floor: goodput 0 at this SLO
+                continue
             point = _probe(state, out, servers[mode].url, workload, repeat, mode, rate, slo,
                            args.requests)
             lo, hi = bounds[mode]
@@ -248,7 +263,7 @@ def _save(out: Path, state: dict) -> None:
     tmp.replace(out)
 
 
-def _plot(state: dict, directory: Path) -> None:
+def _plot(state: dict, directory: Path, prefix: str) -> None:
     from pdserve.bench import plots
 
     for workload, slo in state["slo"].items():
@@ -257,17 +272,17 @@ def _plot(state: dict, directory: Path) -> None:
             continue
         plots.plot_goodput_bars(
             {m: state["goodput"][workload][m]["repeats"] for m in MODES},
-            directory / f"disagg_{workload}_goodput.png",
+            directory / f"{prefix}_{workload}_goodput.png",
             title=f"{workload}: goodput (>= 90% within SLO), {len(_repeats(points))} repeats")
         sweeps = {m: sorted(({"rate": p["rate"], "summary": p["summary"]} for p in points
                              if p["mode"] == m and p["repeat"] == 0),
                             key=lambda q: q["rate"]) for m in MODES}
-        plots.plot_rate_sweep(sweeps, directory / f"disagg_{workload}_rates.png",
+        plots.plot_rate_sweep(sweeps, directory / f"{prefix}_{workload}_rates.png",
                               title=f"{workload}: probes of repeat 0")
         curves = {m: [(s, statistics.median(
             _goodput([p for p in points if p["mode"] == m and p["repeat"] == r], slo, s)
             for r in _repeats(points))) for s in SLO_SCALES] for m in MODES}
-        plots.plot_slo_scale(curves, directory / f"disagg_{workload}_slo_scale.png",
+        plots.plot_slo_scale(curves, directory / f"{prefix}_{workload}_slo_scale.png",
                              title=f"{workload}: goodput (req/s) against SLO scale",
                              ylabel="goodput (req/s)")
 
