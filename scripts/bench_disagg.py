@@ -86,7 +86,8 @@ def main() -> int:
              "min_rate": args.min_rate,
              "slo": saved.get("slo", {}), "points": saved.get("points", [])}
     if args.slo_from:
-        state["slo"] = json.loads(Path(args.slo_from).read_text())["slo"]
+        slo = json.loads(Path(args.slo_from).read_text())["slo"]
+        state["slo"] = {w: slo[w] for w in args.workloads.split(",") if w in slo}
         state["slo_from"] = args.slo_from
     model_dir = str(ensure_default_model(args.size))
     ray.init(num_cpus=4 * len(cores), include_dashboard=False, log_to_driver=False)
