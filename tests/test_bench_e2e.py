@@ -74,6 +74,8 @@ def test_server_errors_are_counted_not_raised(server, tmp_path):
     (["--rate", "-1"], "expected a number > 0"),
     (["--workload", "sharegpt", "--dataset", "/nonexistent.json"], "/nonexistent.json"),
     (["--workload", "trace"], "needs --trace"),
+    (["--concurrency", "2", "--duration", "5"], "--num-requests"),
+    (["--slo-ttft-ms", "100"], "give both"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message):
     with socket.socket() as probe:  # a port nobody listens on

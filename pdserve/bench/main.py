@@ -69,6 +69,9 @@ def main(args: argparse.Namespace) -> int:
 
     if (args.slo_ttft_ms is None) != (args.slo_tpot_ms is None):
         raise ValueError("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
+    if args.concurrency is not None and args.duration is not None:
+        raise ValueError("--duration is for open-loop rates: with --concurrency, give "
+                         "--num-requests")
     requests = build_requests(args)
     model = args.model or asyncio.run(discover_model(args.url, args.api_key))
     target = Target(args.url.rstrip("/"), model, args.api_key)
