@@ -190,8 +190,12 @@ class KVConsumer:
         device = self.kv_cache.data.device
         blocks = torch.tensor(pool_blocks, device=device)
         source = torch.tensor(slots, device=device)
-        # [layers, 2, n, heads, block_size, head_dim] from fp8 staging and its scales
-        values = dequantize_fp8(self.region.data.index_select(2, source),
-                                self.region.scales.index_select(2, source),
-                                self.kv_cache.dtype)
-        self.kv_cache.data.index_copy_(2, blocks, values)
+        # A layer at a time: whole-request temporaries (tens of MB) cost more in page faults
+        # than the arithmetic on CPU; per layer they stay small (47 -> 19 ms for 64 blocks
+        # of the small model in a one-off timing).
+        for layer in range(self.region.data.shape[0]):
+            # [2, n, heads, block_size, head_dim] from fp8 staging and its scales
+            values = dequantize_fp8(self.region.data[layer].index_select(1, source),
+                                    self.region.scales[layer].index_select(1, source),
+                                    self.kv_cache.dtype)
+            self.kv_cache.data[layer].index_copy_(1, blocks, values)
