@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from pdserve import modelgen
+from pdserve.argtypes import int_in
 from pdserve.config import DISAGG_MODES, KV_CACHE_DTYPES, KV_TRANSFER_DTYPES, ClusterConfig
 
 
@@ -137,24 +138,7 @@ _FLAGS = {
 }
 
 
-def _int_in(minimum: int, maximum: int | None = None):
-    """An argparse type: an integer in [minimum, maximum]."""
-    expected = (f"an integer >= {minimum}" if maximum is None
-                else f"an integer in [{minimum}, {maximum}]")
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int, _non_negative_int, _port = _int_in(1), _int_in(0), _int_in(0, 65535)
+_positive_int, _non_negative_int, _port = int_in(1), int_in(0), int_in(0, 65535)
 
 
 if __name__ == "__main__":

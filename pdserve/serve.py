@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from pdserve.config import ClusterConfig
 
@@ -33,7 +34,7 @@ def banner(config: ClusterConfig, api_key: str | None) -> str:
     router = config.router
     host = "127.0.0.1" if router.host in ("0.0.0.0", "::") else router.host
     url = f"http://{host}:{router.port}"
-    model = router.served_model_name or config.model_dir.rstrip("/").rsplit("/", 1)[-1]
+    model = router.served_model_name or Path(config.model_dir).name  # as the router says
     auth = " -H 'Authorization: Bearer $PDSERVE_API_KEY'" if api_key else ""
     return (
         f"pdserve: serving '{model}' at {url} (OpenAI-compatible; Ctrl-C to stop)\n"

@@ -210,9 +210,9 @@ def _probe(state: dict, out: Path, url: str, workload: str, repeat: int, mode: s
 
 
 def _tpot(record: dict) -> float | None:
-    if not record["ok"] or record["num_output_tokens"] < 2:
-        return None
-    return (record["e2e_s"] - record["ttft_s"]) / (record["num_output_tokens"] - 1)
+    from pdserve.bench import stats
+
+    return stats.tpot_s(stats.RequestRecord.from_dict(record))
 
 
 def _attainment(requests: list, ttft_s: float, tpot_s: float) -> float:

@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+from pdserve.argtypes import int_in, positive_float
 from pdserve.bench import arrivals, stats, workloads
 
 WORKLOADS = ("random", "shared-prefix", "mixed", "sharegpt", "trace")
@@ -29,35 +30,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or None)
     load = parser.add_argument_group("load")
     load.add_argument("--workload", choices=WORKLOADS, default="random")
-    load.add_argument("--num-requests", type=_int_at_least(1), default=100)
-    load.add_argument("--duration", type=_positive_float, default=None,
+    load.add_argument("--num-requests", type=int_in(1), default=100)
+    load.add_argument("--duration", type=positive_float, default=None,
                       help="send for this many seconds instead of --num-requests (open loop)")
     load.add_argument("--rate", type=_rates, default=[math.inf],
                       help="requests/s, or a comma list to sweep; inf sends all at once")
-    load.add_argument("--burstiness", type=_positive_float, default=1.0,
+    load.add_argument("--burstiness", type=positive_float, default=1.0,
                       help="gamma arrivals' shape: 1 is Poisson, below 1 burstier")
-    load.add_argument("--concurrency", type=_int_at_least(1), default=None,
+    load.add_argument("--concurrency", type=int_in(1), default=None,
                       help="closed loop with this many requests in flight (instead of --rate)")
-    load.add_argument("--seed", type=_int_at_least(0), default=0)
+    load.add_argument("--seed", type=int_in(0), default=0)
     shape = parser.add_argument_group("workload shape")
-    shape.add_argument("--input-len", type=_int_at_least(1), default=128)
-    shape.add_argument("--output-len", type=_int_at_least(1), default=16)
+    shape.add_argument("--input-len", type=int_in(1), default=128)
+    shape.add_argument("--output-len", type=int_in(1), default=16)
     shape.add_argument("--range-ratio", type=float, default=0.0,
                        help="random: lengths uniform in len*(1 +- ratio)")
-    shape.add_argument("--num-groups", type=_int_at_least(1), default=4)
-    shape.add_argument("--prefix-len", type=_int_at_least(1), default=256)
-    shape.add_argument("--suffix-len", type=_int_at_least(1), default=32)
+    shape.add_argument("--num-groups", type=int_in(1), default=4)
+    shape.add_argument("--prefix-len", type=int_in(1), default=256)
+    shape.add_argument("--suffix-len", type=int_in(1), default=32)
     shape.add_argument("--shared-fraction", type=float, default=0.5,
                        help="mixed: the share of shared-prefix prompts")
     shape.add_argument("--dataset", default=None, help="sharegpt: the JSON file")
     shape.add_argument("--tokenizer", default=None,
                        help="sharegpt: a checkpoint directory whose tokenizer counts tokens")
     shape.add_argument("--trace", default=None, help="trace: a Mooncake-format JSONL file")
-    shape.add_argument("--trace-block-size", type=_int_at_least(1), default=512)
-    shape.add_argument("--trace-time-scale", type=_positive_float, default=1.0)
+    shape.add_argument("--trace-block-size", type=int_in(1), default=512)
+    shape.add_argument("--trace-time-scale", type=positive_float, default=1.0)
     report = parser.add_argument_group("report")
-    report.add_argument("--slo-ttft-ms", type=_positive_float, default=None)
-    report.add_argument("--slo-tpot-ms", type=_positive_float, default=None)
+    report.add_argument("--slo-ttft-ms", type=positive_float, default=None)
+    report.add_argument("--slo-tpot-ms", type=positive_float, default=None)
     report.add_argument("--out", default="bench-results.json", help="JSON results file")
     report.add_argument("--plots", default=None, help="directory for PNG plots")
     report.add_argument("--no-progress", action="store_true")
@@ -199,28 +200,5 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}ms"
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 def _rates(text: str) -> list[float]:
-    return [_positive_float(part) for part in text.split(",")]
+    return [positive_float(part) for part in text.split(",")]

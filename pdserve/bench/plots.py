@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # files only; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
+from pdserve.bench import stats  # noqa: E402
+
 ATTAINMENT_TARGET = 0.9
 
 
@@ -32,11 +34,7 @@ def ecdf(values: Iterable[float]) -> tuple[list[float], list[float]]:
 
 def tpot_s(record: dict[str, Any]) -> float | None:
     """Mean time per output token after the first, or None when the record does not have one."""
-    if not record["ok"] or record["num_output_tokens"] < 2:
-        return None
-    if record["ttft_s"] is None or record["e2e_s"] is None:
-        return None
-    return (record["e2e_s"] - record["ttft_s"]) / (record["num_output_tokens"] - 1)
+    return stats.tpot_s(stats.RequestRecord.from_dict(record))
 
 
 def plot_latency_cdfs(
