@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench bench-kvtransfer bench-cluster bench-router bench-disagg clean
+.PHONY: install test test-unit test-e2e lint serve bench bench-kvtransfer bench-cluster bench-router bench-disagg clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/unit tests/e2e
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+test-e2e: install
+	$(BIN)/python -m pytest tests/e2e
 
 serve: install
 	$(BIN)/python -m pdserve.cli serve

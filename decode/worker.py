@@ -32,7 +32,7 @@ from pdserve import protocol
 from pdserve.protocol import Fingerprint
 from pdserve.sampling import SamplingParams
 from pdserve.transport import Connection, open_connection, resident_bytes
-from pdserve.worker_loop import WorkerLoop
+from cluster.worker_loop import WorkerLoop
 
 logger = logging.getLogger(__name__)
 

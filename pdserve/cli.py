@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
     serve.set_defaults(handler=_serve)
 
-    from pdserve.bench.main import __doc__ as bench_doc
-    from pdserve.bench.main import add_arguments
+    from bench.main import __doc__ as bench_doc
+    from bench.main import add_arguments
 
     bench = commands.add_parser(
         "bench", help="load an OpenAI-compatible server; latency, throughput, goodput",
@@ -92,7 +92,7 @@ def _create_model(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here: serving pulls in ray, which `pdserve model` must not wait for.
-    from pdserve.serve import serve
+    from cluster.serve import serve
 
     if args.api_key == "":
         raise ValueError("--api-key is empty: give a key, or leave it and PDSERVE_API_KEY unset")
@@ -100,7 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pdserve.bench.main import main as bench_main
+    from bench.main import main as bench_main
 
     return bench_main(args)
 

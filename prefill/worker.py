@@ -24,7 +24,7 @@ from engine.rank_group import RankGroup
 from pdserve import protocol
 from pdserve.protocol import Fingerprint, PrefillJob
 from pdserve.transport import Connection, resident_bytes
-from pdserve.worker_loop import WorkerLoop
+from cluster.worker_loop import WorkerLoop
 from prefill.rank import Send
 
 logger = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import ray
 
-from pdserve.cluster import Cluster, launch
+from cluster.launcher import Cluster, launch
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -71,7 +71,7 @@ def main() -> int:
     import ray
     from bench_stats import cpu_name, git_commit
 
-    from pdserve.cluster import launch
+    from cluster.launcher import launch
     from pdserve.modelgen import ensure_default_model
     from router.server import RouterThread
 
@@ -210,7 +210,7 @@ def _probe(state: dict, out: Path, url: str, workload: str, repeat: int, mode: s
 
 
 def _tpot(record: dict) -> float | None:
-    from pdserve.bench import stats
+    from bench import stats
 
     return stats.tpot_s(stats.RequestRecord.from_dict(record))
 
@@ -265,7 +265,7 @@ def _save(out: Path, state: dict) -> None:
 
 
 def _plot(state: dict, directory: Path, prefix: str) -> None:
-    from pdserve.bench import plots
+    from bench import plots
 
     for workload, slo in state["slo"].items():
         points = [p for p in state["points"] if p["workload"] == workload]

@@ -53,7 +53,7 @@ def main() -> int:
 def _bench(args: argparse.Namespace) -> int:
     import ray
 
-    from pdserve.cluster import launch
+    from cluster.launcher import launch
     from pdserve.config import ClusterConfig
     from pdserve.modelgen import ensure_default_model
     from router.server import RouterThread

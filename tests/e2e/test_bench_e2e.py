@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from pdserve.cli import main
-from pdserve.cluster import launch
+from cluster.launcher import launch
 from router.server import RouterThread
-from tests.cluster_harness import cluster_config, is_idle, wait_for
+from tests.e2e.cluster_harness import cluster_config, is_idle, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

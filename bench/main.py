@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from pdserve.argtypes import int_in, positive_float
-from pdserve.bench import arrivals, stats, workloads
+from bench import arrivals, stats, workloads
 
 WORKLOADS = ("random", "shared-prefix", "mixed", "sharegpt", "trace")
 SLO_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """ValueError (bad input files, arguments) is reported in one line by the CLI."""
-    from pdserve.bench.runner import Target, discover_model, run  # httpx: only when running
+    from bench.runner import Target, discover_model, run  # httpx: only when running
 
     if (args.slo_ttft_ms is None) != (args.slo_tpot_ms is None):
         raise ValueError("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
@@ -160,7 +160,7 @@ def format_summary(summary: dict, rate: float | None, concurrency: int | None) -
 
 def write_plots(runs: list[dict], directory: Path, slo_ttft_s: float | None,
                 slo_tpot_s: float | None) -> list[Path]:
-    from pdserve.bench import plots  # matplotlib only when plotting
+    from bench import plots  # matplotlib only when plotting
 
     labels = [_label(run) for run in runs]
     records = {label: run["records"] for label, run in zip(labels, runs, strict=True)}

@@ -6,7 +6,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.kv_cache import FP8_MAX, dequantize_fp8, quantize_fp8
-from tests.engine_oracle import hf_logits_along, random_prompts
+from tests.unit.engine_oracle import hf_logits_along, random_prompts
 
 # e4m3 keeps 3 mantissa bits: a per-element relative rounding error of at most 2^-4.
 FP8_RELATIVE_STEP = 2.0**-4

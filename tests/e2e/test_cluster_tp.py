@@ -10,8 +10,8 @@ import pytest
 import ray
 
 from engine.config import ModelConfig
-from pdserve.cluster import launch
-from tests.cluster_harness import (
+from cluster.launcher import launch
+from tests.e2e.cluster_harness import (
     GREEDY,
     cluster_config,
     is_idle,
@@ -19,7 +19,7 @@ from tests.cluster_harness import (
     wait_for,
     worker_stats,
 )
-from tests.engine_oracle import random_prompts
+from tests.unit.engine_oracle import random_prompts
 
 LENGTHS = [100, 12, 70, 45]  # remote, local, remote, remote (threshold 32)
 

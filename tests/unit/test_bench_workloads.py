@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.arrivals import (
+from bench.arrivals import (
     ScheduledRequest,
     arrivals_until,
     gamma_arrivals,
     poisson_arrivals,
     schedule,
 )
-from pdserve.bench.workloads import (
+from bench.workloads import (
     BenchRequest,
     mixed_requests,
     random_requests,

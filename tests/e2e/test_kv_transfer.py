@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.parallel import kv_head_range
-from tests.kv_host import Host
+from tests.e2e.kv_host import Host
 
 TIMEOUT_S = 60.0
 PROMPT = [7, 99, 3, 250, 18, 41, 77, 5, 301, 12, 64, 200, 9, 33, 150, 2, 88, 401, 17, 6,

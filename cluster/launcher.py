@@ -24,8 +24,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.config import ClusterConfig
 from pdserve.protocol import Fingerprint
-from pdserve.request_client import RequestPlaneClient
-from pdserve.worker_actor import WorkerRank
+from cluster.client import RequestPlaneClient
+from cluster.worker_actor import WorkerRank
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pdserve.config import ClusterConfig
 
 
 def serve(config: ClusterConfig, api_key: str | None) -> int:
-    from pdserve.cluster import launch
+    from cluster.launcher import launch
     from router.server import serve_forever
 
     logging.basicConfig(level=config.log_level.upper(),

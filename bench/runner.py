@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from pdserve.bench.stats import RequestRecord
-from pdserve.bench.workloads import BenchRequest
+from bench.stats import RequestRecord
+from bench.workloads import BenchRequest
 
 _CONNECT_TIMEOUT_S = 10.0
 

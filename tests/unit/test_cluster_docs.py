@@ -15,7 +15,7 @@ import yaml
 from pdserve.cli import build_parser
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig, RouterConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "scripts" / "cluster.example.yaml"
 RAY_CLUSTER = ROOT / "scripts" / "ray-cluster.yaml"
 LAUNCH = ROOT / "scripts" / "launch-cluster.sh"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from engine.config import ModelConfig
-from pdserve.cluster import launch
+from cluster.launcher import launch
 from pdserve.config import PrefillConfig
-from tests.cluster_harness import (
+from tests.e2e.cluster_harness import (
     GREEDY,
     NUM_BLOCKS,
     cluster_config,
@@ -17,7 +17,7 @@ from tests.cluster_harness import (
     wait_for,
     worker_stats,
 )
-from tests.engine_oracle import random_prompts
+from tests.unit.engine_oracle import random_prompts
 
 
 def test_two_decode_and_two_prefill_workers_share_the_load(ray_session, tiny_llama_dir):

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from pdserve.bench.stats import (
+from bench.stats import (
     RequestRecord,
     attainment,
     attainment_vs_scale,

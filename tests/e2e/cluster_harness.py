@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.llm import LLM
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 from pdserve.sampling import SamplingParams
-from tests.kv_host import wait_for  # noqa: F401 (re-exported for the cluster tests)
+from tests.e2e.kv_host import wait_for  # noqa: F401 (re-exported for the cluster tests)
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 NUM_BLOCKS = 96

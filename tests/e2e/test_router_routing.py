@@ -9,10 +9,10 @@ import httpx
 import pytest
 import ray
 
-from pdserve.cluster import launch
+from cluster.launcher import launch
 from pdserve.hashing import hash_blocks
 from router.server import RouterThread
-from tests.cluster_harness import (
+from tests.e2e.cluster_harness import (
     BLOCK_SIZE,
     cluster_config,
     is_idle,

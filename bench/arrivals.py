@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from pdserve.bench.workloads import BenchRequest
+from bench.workloads import BenchRequest
 
 
 class ScheduledRequest(NamedTuple):

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
-from pdserve.bench import stats  # noqa: E402
+from bench import stats  # noqa: E402
 
 ATTAINMENT_TARGET = 0.9
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.engine_oracle import hf_greedy, random_prompts, top1_margin
+from tests.unit.engine_oracle import hf_greedy, random_prompts, top1_margin
 
 NUM_NEW_TOKENS = 32
 LOGITS_ATOL = 1e-3

@@ -14,11 +14,11 @@ import ray
 
 from engine.config import ModelConfig
 from pdserve import protocol
-from pdserve.cluster import launch
+from cluster.launcher import launch
 from pdserve.config import DecodeConfig, PrefillConfig
 from pdserve.hashing import hash_blocks
 from pdserve.transport import EventLoopThread, open_connection
-from tests.cluster_harness import (
+from tests.e2e.cluster_harness import (
     BLOCK_SIZE,
     GREEDY,
     cluster_config,
@@ -27,7 +27,7 @@ from tests.cluster_harness import (
     wait_for,
     worker_stats,
 )
-from tests.engine_oracle import hf_greedy, random_prompts, top1_margin
+from tests.unit.engine_oracle import hf_greedy, random_prompts, top1_margin
 
 MIN_TOP1_MARGIN = 2e-3
 

@@ -12,8 +12,8 @@ from engine import LLM, LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from pdserve.hashing import hash_blocks
 from pdserve.modelgen import create_model
-from tests.engine_oracle import random_prompts
-from tests.test_engine_parity import GREEDY, assert_matches_hf
+from tests.unit.engine_oracle import random_prompts
+from tests.unit.test_engine_parity import GREEDY, assert_matches_hf
 
 
 def generate(model_dir, prompts, **options):

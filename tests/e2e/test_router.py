@@ -16,9 +16,9 @@ import openai
 import pytest
 import ray
 
-from pdserve.cluster import launch
+from cluster.launcher import launch
 from router.server import RouterThread
-from tests.cluster_harness import cluster_config, is_idle, offline_greedy, wait_for, worker_stats
+from tests.e2e.cluster_harness import cluster_config, is_idle, offline_greedy, wait_for, worker_stats
 
 MAX_TOKENS = 12
 LONG_PROMPT = ("The decode worker looks at how much of the prompt it already holds, and when "
@@ -460,7 +460,7 @@ def test_models_and_health(server, model_name):
 
 
 def test_router_process_imports_no_torch():
-    code = ("import sys, router.server, router.app, pdserve.cluster, pdserve.client; "
+    code = ("import sys, router.server, router.app, cluster.launcher, pdserve.client; "
             "print(sorted(m for m in ('torch', 'engine', 'nixl') if m in sys.modules))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout

@@ -7,8 +7,8 @@ import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
 
-from pdserve.bench import plots
-from pdserve.bench.plots import (
+from bench import plots
+from bench.plots import (
     ecdf,
     plot_goodput_bars,
     plot_latency_cdfs,
