@@ -1,1 +1,2 @@
-"""The load generator behind `pdserve bench`: workloads, arrival times and statistics."""
+"""The load generator behind `pdserve bench`: workloads, arrival times, statistics and the
+goodput search."""

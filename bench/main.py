@@ -16,8 +16,8 @@ import math
 import os
 from pathlib import Path
 
-from pdserve.argtypes import int_in, positive_float
 from bench import arrivals, stats, workloads
+from pdserve.argtypes import int_in, positive_float
 
 WORKLOADS = ("random", "shared-prefix", "mixed", "sharegpt", "trace")
 SLO_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)

@@ -11,7 +11,6 @@ exception out of ``run``.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -21,12 +20,16 @@ import httpx
 
 from bench.stats import RequestRecord
 from bench.workloads import BenchRequest
+from pdserve import client_wire as wire
 
 _CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """The server to load: its base URL, the model id to ask for, and how long one request
+    may take."""
+
     base_url: str
     model: str
     api_key: str | None = None
@@ -37,7 +40,8 @@ async def discover_model(base_url: str, api_key: str | None) -> str:
     """The first model the server lists; ValueError (one line) when it cannot be asked."""
     try:
         async with httpx.AsyncClient(base_url=base_url, timeout=_CONNECT_TIMEOUT_S,
-                                     headers=_headers(api_key)) as http:
+                                     headers=wire.request_headers(api_key, None,
+                                                                  stream=False)) as http:
             response = await http.get("/v1/models")
             response.raise_for_status()
             return response.json()["data"][0]["id"]
@@ -47,17 +51,20 @@ async def discover_model(base_url: str, api_key: str | None) -> str:
 
 
 async def run(target: Target, schedule: Sequence[tuple[float, BenchRequest]],
-              concurrency: int | None = None, progress: bool = True,
+              concurrency: int | None = None, progress: bool = True, *,
+              transport: httpx.AsyncBaseTransport | None = None,
               ) -> tuple[list[RequestRecord], float]:
     """Send every request, open loop at its offset (seconds from the start), or closed loop
     with ``concurrency`` requests in flight (offsets ignored). Records in schedule order,
-    and the run's duration (first send to last end)."""
+    and the run's duration (first send to last end). ``transport`` replaces the network."""
     bar = _progress(len(schedule), progress)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=target.base_url, limits=limits,
-                                 headers=_headers(target.api_key),
+                                 headers=wire.request_headers(target.api_key, None,
+                                                              stream=True),
                                  timeout=httpx.Timeout(target.timeout_s,
-                                                       connect=_CONNECT_TIMEOUT_S)) as http:
+                                                       connect=_CONNECT_TIMEOUT_S),
+                                 transport=transport) as http:
         start = time.perf_counter()
 
         async def one(index: int, offset: float) -> RequestRecord:
@@ -94,43 +101,37 @@ async def _closed_loop(one, num: int, concurrency: int) -> list[RequestRecord]:
 
 async def _send(http: httpx.AsyncClient, model: str, request: BenchRequest,
                 run_start: float) -> RequestRecord:
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sampling = {"max_tokens": request.max_tokens, "ignore_eos": True}
+    body = wire.completion_body(model, request.prompt, sampling, stream=True)
     sent = time.perf_counter()
+    start_s = sent - run_start
     timing = _Timing(sent)
-    usage: dict = {}
     try:
         async with http.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return _failed(request, sent - run_start, f"HTTP {response.status_code}: "
-                               f"{_error_message(text)}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                error = wire.error_from_response(response.status_code, response.headers,
+                                                 await response.aread())
+                return _failed(request, start_s, f"HTTP {response.status_code}: {error.message}")
+            parser = wire.StreamParser(response.headers.get("x-request-id"))
+            async for chunk in response.aiter_bytes():
+                arrived = time.perf_counter()
+                for _ in parser.feed(chunk):  # each non-empty text event is a token event
+                    timing.token_event(arrived)
+                if parser.is_done:
                     break
-                event = json.loads(data)
-                if "error" in event:
-                    return _failed(request, sent - run_start,
-                                   f"stream error: {_error_message(data)}")
-                if event.get("usage"):
-                    usage = event["usage"]
-                choices = event.get("choices") or []
-                if choices and choices[0].get("text"):
-                    timing.token_event(time.perf_counter())
-            else:
-                return _failed(request, sent - run_start, "stream ended without [DONE]")
+    except wire.APIError as error:  # an error event, or an event that is not JSON
+        return _failed(request, start_s, f"stream error: {error.message}")
     except (httpx.HTTPError, OSError, ValueError) as error:
-        return _failed(request, sent - run_start, f"{type(error).__name__}: {error}")
-    e2e_s = time.perf_counter() - sent
-    num_output = usage.get("completion_tokens", timing.num_events)
-    num_prompt = usage.get("prompt_tokens", request.num_prompt_tokens)
-    return RequestRecord(ok=True, error="", num_prompt_tokens=num_prompt,
-                         num_output_tokens=num_output, start_s=sent - run_start,
-                         ttft_s=timing.ttft_s if timing.num_events else e2e_s, e2e_s=e2e_s,
-                         itl_s=tuple(timing.gaps_s))
+        return _failed(request, start_s, f"{type(error).__name__}: {error}")
+    if not parser.is_done:
+        return _failed(request, start_s, "stream ended without [DONE]")
+    completion = parser.completion(timing.ttft_s, time.perf_counter() - sent)
+    usage = completion.usage
+    return RequestRecord(
+        ok=True, error="", start_s=start_s, ttft_s=completion.ttft_s, e2e_s=completion.e2e_s,
+        num_prompt_tokens=usage.prompt_tokens if usage else request.num_prompt_tokens,
+        num_output_tokens=usage.completion_tokens if usage else timing.num_events,
+        itl_s=tuple(timing.gaps_s))
 
 
 class _Timing:
@@ -153,17 +154,6 @@ def _failed(request: BenchRequest, start_s: float, error: str) -> RequestRecord:
     return RequestRecord(ok=False, error=error[:300], num_prompt_tokens=request.num_prompt_tokens,
                          num_output_tokens=0, start_s=start_s, ttft_s=None, e2e_s=None,
                          itl_s=())
-
-
-def _error_message(text: str) -> str:
-    try:
-        return json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return text.strip()[:200]
-
-
-def _headers(api_key: str | None) -> dict:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def _progress(total: int, enabled: bool):

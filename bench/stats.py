@@ -2,8 +2,9 @@
 goodput (DESIGN.md, "Measuring").
 
 TTFT is from sending to the first token; TPOT is per request, (e2e - TTFT) / (output tokens - 1);
-ITL pools every gap between successive streamed tokens. Goodput, for a sweep of rates, is the
-highest rate at which at least 90% of requests meet both the TTFT and the TPOT SLO (DistServe).
+ITL pools every gap between successive streamed tokens. A run's goodput is its requests meeting
+both SLOs per second; the goodput of a sweep of rates, the highest rate at which at least 90%
+of requests meet both (DistServe), is searched for by bench.goodput.
 """
 
 from __future__ import annotations
@@ -145,42 +146,6 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
                           "attainment": num_meeting / len(records) if records else None,
                           "goodput": num_meeting / duration_s}
     return summary
-
-
-def max_passing_rate(points: Iterable[tuple[float, float | None]],
-                     threshold: float = 0.9) -> float | None:
-    """Goodput of a sweep: the highest rate of (rate, attainment) points whose attainment is
-    >= threshold; None when none passes."""
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-    return max((rate for rate, fraction in points if fraction is not None
-                and fraction >= threshold), default=None)
-
-
-def bisect_next(lo: float, hi: float | None, step_factor: float = 2.0) -> float:
-    """The next rate to try in a goodput search.
-
-    ``lo`` is the highest rate known to pass, ``hi`` the lowest known to fail (None while none
-    has). Until one fails the rate grows by ``step_factor``; then the search probes the
-    geometric midpoint sqrt(lo * hi), which halves log(hi / lo) at each step: rates span
-    orders of magnitude, so bisecting their logarithm converges evenly at every scale.
-    """
-    if not (math.isfinite(lo) and lo > 0):
-        raise ValueError(f"lo must be finite and > 0, got {lo!r}")
-    if not (math.isfinite(step_factor) and step_factor > 1):
-        raise ValueError(f"step_factor must be finite and > 1, got {step_factor!r}")
-    if hi is None:
-        return lo * step_factor
-    if not (math.isfinite(hi) and hi > lo):
-        raise ValueError(f"hi must be finite and > lo={lo!r}, got {hi!r}")
-    return math.sqrt(lo * hi)
-
-
-def is_converged(lo: float, hi: float | None, rel_tol: float) -> bool:
-    """Whether a goodput search may stop: a failing rate is known and hi <= lo * (1 + rel_tol)."""
-    if not rel_tol > 0:
-        raise ValueError(f"rel_tol must be > 0, got {rel_tol!r}")
-    return hi is not None and hi <= lo * (1 + rel_tol)
 
 
 def _optional_float(value: Any) -> float | None:

@@ -4,3 +4,7 @@ synchronous request-plane facade, and `pdserve serve`.
 ``from cluster import launch`` starts one; the returned ``Cluster`` generates, streams, reports
 typed worker stats and shuts everything down.
 """
+
+from cluster.launcher import Cluster, launch
+
+__all__ = ["Cluster", "launch"]

@@ -1,11 +1,12 @@
 """Launch a pdserve cluster on Ray: decode and prefill worker groups, wired together.
 
 ``launch(config)`` starts every TP group in its own placement group, connects each decode
-worker to each prefill worker (request plane and KV plane), and returns a ``Cluster`` that
-submits requests over the request plane and shuts everything down. A supervisor thread
-watches every rank; when one dies its whole group is killed, the survivors are told (decode
-workers fall back and free their blocks once the dead group's NIXL agents are removed), and
-the group is started again under new agent names and rejoins.
+worker to each prefill worker (request plane and KV plane), and returns a ``Cluster``: the
+typed handle the router fronts (``pdserve.cluster_handle.ClusterHandle``), a synchronous
+facade for submitting requests directly, and the supervisor. The supervisor thread watches
+every rank; when one dies its whole group is killed, the survivors are told (decode workers
+fall back and free their blocks once the dead group's NIXL agents are removed), and the
+group is started again under new agent names and rejoins.
 """
 
 from __future__ import annotations
@@ -13,63 +14,38 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import groups
+from cluster.client import ClusterClient, Completion, Stream
+from cluster.groups import GroupStarter, WorkerGroup
+from pdserve.checkpoint_files import read_json
+from pdserve.cluster_handle import ModelInfo, OnAdded, OnRemoved, WorkerAddress
 from pdserve.config import ClusterConfig
+from pdserve.probe import Probe
 from pdserve.protocol import Fingerprint
-from cluster.client import RequestPlaneClient
-from cluster.worker_actor import WorkerRank
+from pdserve.sampling import SamplingParams
+from pdserve.worker_commands import GetStats
+from pdserve.worker_stats import Role, WorkerStats
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class WorkerGroup:
-    """One TP group (one decode or prefill worker) of Ray actors, rank 0 first."""
-
-    role: str
-    index: int
-    incarnation: int
-    ranks: list[Any]
-    placement: Any
-    address: tuple[str, int] = ("", 0)
-    endpoints: list[dict] = field(default_factory=list)
-    lifetimes: list[Any] = field(default_factory=list)
-
-    @property
-    def worker_id(self) -> str:
-        return f"{self.role}{self.index}.{self.incarnation}"
-
-    @property
-    def agents(self) -> list[str]:
-        return [e["agent_name"] for e in self.endpoints]
-
-    @property
-    def driver(self) -> Any:
-        return self.ranks[0]
+_SUPERVISE_WAIT_S = 0.5  # how often the supervisor looks up from its wait to notice a stop
 
 
-def launch(config: ClusterConfig | str | Path) -> Cluster:
+def launch(config: ClusterConfig | str | Path, probe: Probe | None = None) -> Cluster:
     """Start the cluster from a config (or a YAML file holding one); a bad config raises
-    ValueError naming the field, a placement Ray cannot satisfy RuntimeError."""
+    ValueError naming the field, a placement Ray cannot satisfy RuntimeError. ``probe`` is
+    handed to every worker (tests); the default does nothing."""
     if not isinstance(config, ClusterConfig):
         config = ClusterConfig.from_yaml(config)
     config.check_model()
     _init_ray(config.address)
-    return Cluster(config)
-
-
-def _pinned_cpu(role_config, slot: int) -> int | None:
-    """The core of the ``slot``-th rank of a role (worker-major), when the role is pinned."""
-    cpus = role_config.pin_cpus
-    return None if not cpus else cpus[slot % len(cpus)]
+    return Cluster(config, probe or Probe())
 
 
 def _init_ray(address: str) -> None:
@@ -82,211 +58,99 @@ def _init_ray(address: str) -> None:
 
 
 class Cluster:
-    """A running cluster: submit requests, read stats, shut down."""
+    """A running cluster: the router's typed handle, a request facade, stats, shutdown."""
 
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, probe: Probe):
         self.config = config
-        self.secret = secrets.token_hex(16)
-        self.fingerprint = Fingerprint.of_model(config.model_dir, config.block_size,
-                                                config.dtype, config.kv_transfer_dtype)
+        self._secret = secrets.token_hex(16)
+        self._fingerprint = Fingerprint.of_model(config.model_dir, config.block_size,
+                                                 config.dtype, config.kv_transfer_dtype)
+        self._starter = GroupStarter(config, self._fingerprint, self._secret, probe)
         self._lock = threading.RLock()
         self._watchers_lock = threading.Lock()
-        self._decode_watchers: list[tuple[Callable, Callable]] = []
+        self._decode_watchers: list[tuple[OnAdded, OnRemoved]] = []
         self._is_shutting_down = False
         self.num_restarts = 0
         self.decodes: list[WorkerGroup] = []
         self.prefills: list[WorkerGroup] = []
         try:
-            self.prefills = [self._start_group("prefill", i, 0)
+            self.prefills = [self._starter.start(Role.PREFILL, i, 0)
                              for i in range(config.prefill.num_workers)]
-            self.decodes = [self._start_group("decode", i, 0)
+            self.decodes = [self._starter.start(Role.DECODE, i, 0)
                             for i in range(config.decode.num_workers)]
             for prefill in self.prefills:
-                self._introduce_decodes(prefill, self.decodes)
+                groups.introduce_decodes(prefill, self.decodes)
             for decode in self.decodes:
-                self._introduce_prefills(decode, self.prefills)
-            self.client = RequestPlaneClient(self.fingerprint, self.secret)
-            for decode in self.decodes:
-                self.client.add_decode(decode.worker_id, decode.address)
-            decode_stats = self.stats("decode").values()
+                groups.introduce_prefills(decode, self.prefills)
+            decode_stats = self.worker_stats(Role.DECODE)
         except BaseException:
-            if hasattr(self, "client"):
-                self.client.close()
             self._kill_all()
             raise
         # what the router needs: the longest request every decode worker takes, and slots
-        self.max_model_len = min(s["max_model_len"] for s in decode_stats)
-        self.max_running = config.decode.num_workers * config.decode.max_num_seqs
+        self._model = ModelInfo(
+            config.model_dir, read_json(Path(config.model_dir) / "config.json")["vocab_size"],
+            min(s.max_model_len for s in decode_stats), config.block_size)
+        self._max_running = config.decode.num_workers * config.decode.max_num_seqs
+        self.client = ClusterClient(self)
         self._supervisor = threading.Thread(target=self._supervise, name="pdserve-supervisor",
                                             daemon=True)
         self._supervisor.start()
 
-    # -- groups ---------------------------------------------------------------------------
+    # -- the router's handle (pdserve.cluster_handle.ClusterHandle) -----------------------
 
-    def _start_group(self, role: str, index: int, incarnation: int) -> WorkerGroup:
-        role_config = self.config.decode if role == "decode" else self.config.prefill
-        size = role_config.tensor_parallel_size
-        bundle = {"CPU": role_config.cpus_per_rank}
-        if role_config.gpus_per_rank:
-            bundle["GPU"] = role_config.gpus_per_rank
-        placement = placement_group([dict(bundle) for _ in range(size)],
-                                    strategy="STRICT_PACK" if "GPU" in bundle else "PACK")
-        group = WorkerGroup(role, index, incarnation, [], placement)
-        try:
-            ray.get(placement.ready(), timeout=self.config.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(placement)
-            raise RuntimeError(
-                f"cannot place {role} worker {index}: it needs {size} x {bundle} and the Ray "
-                f"cluster has {ray.available_resources()} free after "
-                f"{self.config.placement_timeout_s} s; lower {role}.cpus_per_rank / "
-                f"{role}.tensor_parallel_size or add nodes") from None
-        try:
-            self._start_ranks(group, role_config)
-        except BaseException:
-            self._kill(group)  # a rank that failed to start must not leave its peers behind
-            raise
-        logger.info("%s started at %s:%d", group.worker_id, *group.address)
-        return group
+    @property
+    def model(self) -> ModelInfo:
+        return self._model
 
-    def _start_ranks(self, group: WorkerGroup, role_config) -> None:
-        size, placement = role_config.tensor_parallel_size, group.placement
-        config = self.config.to_dict()
-        for rank in range(size):
-            strategy = PlacementGroupSchedulingStrategy(placement,
-                                                        placement_group_bundle_index=rank)
-            group.ranks.append(WorkerRank.options(
-                num_cpus=role_config.cpus_per_rank, num_gpus=role_config.gpus_per_rank,
-                scheduling_strategy=strategy, max_concurrency=8,
-                name=None).remote(group.role, group.worker_id, rank, size, config, self.secret,
-                                  _pinned_cpu(role_config, group.index * size + rank)))
-        host, port = ray.get(group.driver.master_address.remote())
-        started = ray.get([r.start.remote(host, port) for r in group.ranks])
-        group.address = tuple(started[0]["address"])
-        group.endpoints = started[0]["endpoints"]
-        group.lifetimes = [r.wait_stopped.remote() for r in group.ranks]
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self._fingerprint
 
-    def _introduce_decodes(self, prefill: WorkerGroup, decodes: list[WorkerGroup]) -> None:
-        endpoints = [e for d in decodes for e in d.endpoints]
-        ray.get(prefill.driver.control.remote("add_decode", endpoints))
+    @property
+    def secret(self) -> str:
+        return self._secret
 
-    def _introduce_prefills(self, decode: WorkerGroup, prefills: list[WorkerGroup]) -> None:
-        ray.get([decode.driver.control.remote("add_prefill", p.worker_id, p.address[0],
-                                              p.address[1], p.endpoints) for p in prefills])
+    @property
+    def max_running(self) -> int:
+        return self._max_running
 
-    # -- the supervisor -------------------------------------------------------------------
-
-    def _supervise(self) -> None:
-        while not self._is_shutting_down:
-            with self._lock:
-                watched = {ref: g for g in self.decodes + self.prefills for ref in g.lifetimes}
-            ready, _ = ray.wait(list(watched), num_returns=1, timeout=0.5)
-            if not ready or self._is_shutting_down:
-                continue
-            try:
-                self._restart(watched[ready[0]])
-            except Exception:
-                logger.exception("restarting %s failed", watched[ready[0]].worker_id)
-
-    def _restart(self, dead: WorkerGroup) -> None:
-        """A rank of ``dead`` stopped: kill its group, tell the peers, start it again."""
+    def decode_addresses(self) -> list[WorkerAddress]:
         with self._lock:
-            logger.warning("%s lost a rank: restarting the group", dead.worker_id)
-            self._kill(dead)
-            if dead.role == "prefill":
-                for decode in self.decodes:
-                    ray.get(decode.driver.control.remote("lose_prefill", dead.worker_id))
-                new = self._start_group("prefill", dead.index, dead.incarnation + 1)
-                self.prefills[self.prefills.index(dead)] = new
-                self._introduce_decodes(new, self.decodes)
-                for decode in self.decodes:
-                    self._introduce_prefills(decode, [new])
-            else:
-                for prefill in self.prefills:
-                    ray.get(prefill.driver.control.remote("lose_decode", dead.agents))
-                self.client.remove_decode(dead.worker_id)
-                for _, removed in self._watchers():
-                    removed(dead.worker_id)
-                new = self._start_group("decode", dead.index, dead.incarnation + 1)
-                self.decodes[self.decodes.index(dead)] = new
-                for prefill in self.prefills:
-                    self._introduce_decodes(prefill, [new])
-                self._introduce_prefills(new, self.prefills)
-                self.client.add_decode(new.worker_id, new.address)
-                for added, _ in self._watchers():
-                    added(new.worker_id, new.address)
-            self.num_restarts += 1
+            return [g.address for g in self.decodes]
 
-    def _kill(self, group: WorkerGroup) -> None:
-        for rank in group.ranks:
-            ray.kill(rank, no_restart=True)
-        remove_placement_group(group.placement)
-
-    def _kill_all(self) -> None:
-        for group in self.decodes + self.prefills:
-            self._kill(group)
-
-    # -- the user's surface ---------------------------------------------------------------
-
-    def generate(self, prompt_token_ids: list[int], sampling: dict | None = None,
-                 request_id: str | None = None, timeout_s: float = 300.0):
-        """Run one request to the end; a ``Completion``."""
-        return self.client.generate(prompt_token_ids, sampling or {}, request_id, timeout_s)
-
-    def submit(self, prompt_token_ids: list[int], sampling: dict | None = None,
-               request_id: str | None = None):
-        """Start a request; the returned ``Stream`` yields its token chunks."""
-        return self.client.submit(prompt_token_ids, sampling or {}, request_id)
-
-    def cancel(self, request_id: str) -> None:
-        self.client.cancel(request_id)
-
-    def stats(self, role: str | None = None) -> dict:
-        """Each worker's counters by worker id (``role``: only "decode" or "prefill")."""
-        with self._lock:
-            groups = [g for g in self.decodes + self.prefills if role in (None, g.role)]
-            return {g.worker_id: ray.get(g.driver.control.remote("stats")) for g in groups}
-
-    def decode_addresses(self) -> list[tuple[str, tuple[str, int]]]:
-        """(worker id, request-plane address) of every decode worker."""
-        with self._lock:
-            return [(g.worker_id, g.address) for g in self.decodes]
-
-    def watch_decodes(self, added: Callable[[str, tuple[str, int]], None],
-                      removed: Callable[[str], None]) -> None:
-        """Be told (on the supervisor thread, which the callbacks must not block) when a
-        decode worker is replaced: ``removed`` with the dead worker's id, then ``added``
-        with its successor's id and address."""
+    def watch_decodes(self, added: OnAdded, removed: OnRemoved) -> None:
         with self._watchers_lock:  # not the cluster lock: a restart may hold that a while
             self._decode_watchers.append((added, removed))
 
-    def unwatch_decodes(self, added: Callable, removed: Callable) -> None:
+    def unwatch_decodes(self, added: OnAdded, removed: OnRemoved) -> None:
         with self._watchers_lock:
             self._decode_watchers.remove((added, removed))
 
-    def _watchers(self) -> list[tuple[Callable, Callable]]:
-        with self._watchers_lock:
-            return list(self._decode_watchers)
-
-    def kill_decode_rank(self, index: int, rank: int = 0) -> None:
-        """Kill one decode rank's process, as a crash would."""
+    def worker_stats(self, role: Role | None = None) -> list[WorkerStats]:
+        """Every worker's stats (``role``: only decode or prefill workers), decode first."""
         with self._lock:
-            ray.kill(self.decodes[index].ranks[rank], no_restart=True)
+            chosen = [g for g in self.decodes + self.prefills if role in (None, g.role)]
+            return ray.get([g.driver.control.remote(GetStats()) for g in chosen])
 
-    def decode_driver(self, index: int = 0) -> Any:
-        """Rank 0's actor of decode worker ``index`` (tests use its hold hook)."""
-        with self._lock:
-            return self.decodes[index].driver
+    # -- the user's surface ---------------------------------------------------------------
 
-    def prefill_driver(self, index: int = 0) -> Any:
-        """Rank 0's actor of prefill worker ``index`` (tests use its hold hook)."""
-        with self._lock:
-            return self.prefills[index].driver
+    def generate(self, prompt_token_ids: list[int],
+                 sampling: SamplingParams | Mapping[str, Any] | None = None,
+                 request_id: str | None = None, timeout_s: float = 300.0) -> Completion:
+        """Run one request to the end."""
+        return self.client.submit(prompt_token_ids, sampling, request_id).result(timeout_s)
 
-    def kill_prefill_rank(self, index: int, rank: int = 0) -> None:
-        """Kill one rank's process, as a crash would."""
+    def submit(self, prompt_token_ids: list[int],
+               sampling: SamplingParams | Mapping[str, Any] | None = None,
+               request_id: str | None = None) -> Stream:
+        """Start a request; the returned ``Stream`` yields its token chunks."""
+        return self.client.submit(prompt_token_ids, sampling, request_id)
+
+    def rank_names(self, role: Role, index: int) -> list[str]:
+        """The Ray actor names of worker ``index``'s ranks (``ray.get_actor`` finds them)."""
         with self._lock:
-            ray.kill(self.prefills[index].ranks[rank], no_restart=True)
+            group = (self.decodes if role is Role.DECODE else self.prefills)[index]
+            return list(group.rank_names)
 
     def shutdown(self) -> None:
         self._is_shutting_down = True
@@ -305,3 +169,58 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+    # -- the supervisor -------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._is_shutting_down:
+            with self._lock:
+                watched = {ref: g for g in self.decodes + self.prefills for ref in g.lifetimes}
+            ready, _ = ray.wait(list(watched), num_returns=1, timeout=_SUPERVISE_WAIT_S)
+            if not ready or self._is_shutting_down:
+                continue
+            try:
+                self._restart(watched[ready[0]])
+            except Exception:
+                logger.exception("restarting %s failed", watched[ready[0]].worker_id)
+
+    def _restart(self, dead: WorkerGroup) -> None:
+        """A rank of ``dead`` stopped: kill its group, tell the peers, start it again."""
+        with self._lock:
+            logger.warning("%s lost a rank: restarting the group", dead.worker_id)
+            groups.kill(dead)
+            if dead.role is Role.PREFILL:
+                self._restart_prefill(dead)
+            else:
+                self._restart_decode(dead)
+            self.num_restarts += 1
+
+    def _restart_prefill(self, dead: WorkerGroup) -> None:
+        for decode in self.decodes:
+            groups.lose_prefill(decode, dead)
+        new = self._starter.start(Role.PREFILL, dead.index, dead.incarnation + 1)
+        self.prefills[self.prefills.index(dead)] = new
+        groups.introduce_decodes(new, self.decodes)
+        for decode in self.decodes:
+            groups.introduce_prefills(decode, [new])
+
+    def _restart_decode(self, dead: WorkerGroup) -> None:
+        for prefill in self.prefills:
+            groups.lose_decode(prefill, dead)
+        for _, removed in self._watchers():
+            removed(dead.worker_id)
+        new = self._starter.start(Role.DECODE, dead.index, dead.incarnation + 1)
+        self.decodes[self.decodes.index(dead)] = new
+        for prefill in self.prefills:
+            groups.introduce_decodes(prefill, [new])
+        groups.introduce_prefills(new, self.prefills)
+        for added, _ in self._watchers():
+            added(new.address)
+
+    def _watchers(self) -> list[tuple[OnAdded, OnRemoved]]:
+        with self._watchers_lock:
+            return list(self._decode_watchers)
+
+    def _kill_all(self) -> None:
+        for group in self.decodes + self.prefills:
+            groups.kill(group)

@@ -2,8 +2,9 @@
 
 Ray places and starts it; ``start`` joins the TP group's process group, builds the rank's
 model, pool and NIXL agent (a fresh agent name per incarnation), and on rank 0 starts the
-worker (its engine thread and request-plane server). Ranks 1.. follow rank 0's calls in a
-thread. Torch, NIXL and the engine are imported inside the actor process only.
+worker: its loop thread (``cluster.worker_loop``) and request-plane server, driving the role
+(``DecodeWorker`` or ``PrefillWorker``). Ranks 1.. follow rank 0's calls in a thread. Torch,
+NIXL and the engine are imported inside the actor process only.
 """
 
 from __future__ import annotations
@@ -12,27 +13,56 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from pdserve.config import ClusterConfig
+from pdserve.probe import Probe
+from pdserve.protocol import Fingerprint, PeerRole
+from pdserve.worker_commands import EndpointWire
+from pdserve.worker_stats import Role
+
+
+@dataclass(frozen=True, slots=True)
+class RankIdentity:
+    """Which rank of which worker an actor is."""
+
+    role: Role
+    worker_id: str
+    rank: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartedWorker:
+    """What rank 0 reports once its worker runs: the request-plane address and every rank's
+    KV-plane endpoint."""
+
+    host: str
+    port: int
+    endpoints: list[EndpointWire]
+
 
 @ray.remote
 class WorkerRank:
-    def __init__(self, role: str, worker_id: str, rank: int, size: int, config: dict,
-                 secret: str, cpu: int | None = None):
-        from pdserve.config import ClusterConfig
+    """One rank's process; rank 0 also runs the worker's loop and answers control commands."""
 
-        self.role, self.worker_id, self.rank, self.size = role, worker_id, rank, size
-        self.config = ClusterConfig.from_dict(config)
-        self.secret = secret
+    def __init__(self, identity: RankIdentity, config: ClusterConfig, fingerprint: Fingerprint,
+                 secret: str, cpu: int | None = None, probe: Probe | None = None):
+        self.identity = identity
+        self.config = config
+        self.fingerprint, self.secret = fingerprint, secret
+        self.probe = probe or Probe()
         if cpu is not None:  # a benchmark's hardware budget: this process on one core
             os.sched_setaffinity(0, {cpu})
-        self.driver: Any = None
+        self.loop: Any = None
         self.rank_worker: Any = None
         self._stopped = threading.Event()
-        logging.basicConfig(level=self.config.log_level.upper(),
-                            format=f"%(asctime)s {worker_id}.r{rank} %(name)s: %(message)s")
+        logging.basicConfig(
+            level=config.log_level.upper(),
+            format=f"%(asctime)s {identity.worker_id}.r{identity.rank} %(name)s: %(message)s")
 
     def master_address(self) -> tuple[str, int]:
         from engine.rank_group import free_port
@@ -40,26 +70,26 @@ class WorkerRank:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def start(self, host: str, port: int) -> dict:
-        """Join the group and build this rank; rank 0 returns the worker's address and
-        every rank's KV endpoint."""
+    def start(self, host: str, port: int) -> StartedWorker | None:
+        """Join the group and build this rank; rank 0 starts the worker and says where."""
+        from engine.engine import resolve_device
         from engine.rank_group import broadcast_object, join_group, set_threads
 
         set_threads(self.config.num_threads)
-        from engine.engine import resolve_device
-
+        rank, size = self.identity.rank, self.identity.size
         # the device the engine will use (None picks CUDA when there is one): nccl there
         is_cuda = resolve_device(self.config.device).startswith("cuda")
-        join_group(host, port, self.rank, self.size, is_cuda=is_cuda)
-        options = self._plan() if self.rank == 0 else None
-        if self.size > 1:
+        join_group(host, port, rank, size, is_cuda=is_cuda)
+        options = self._plan() if rank == 0 else None
+        if size > 1:
             options = broadcast_object(options)
         self.rank_worker = self._build_rank(options)
-        if self.rank > 0:
+        if rank > 0:
             threading.Thread(target=self._follow, name="follow", daemon=True).start()
-            return {}
-        self.driver = self._build_driver(options)
-        return {"address": list(self.driver.address), "endpoints": self.driver.endpoints}
+            return None
+        role = self._build_role(options)
+        self.loop.start(role)
+        return StartedWorker(*self.loop.address, role.endpoints)
 
     def _follow(self) -> None:
         from engine.rank_group import follow
@@ -71,7 +101,8 @@ class WorkerRank:
             self._stopped.set()
 
     def _role_config(self):
-        return self.config.decode if self.role == "decode" else self.config.prefill
+        is_decode = self.identity.role is Role.DECODE
+        return self.config.decode if is_decode else self.config.prefill
 
     def _plan(self):
         from engine.engine import plan_runner
@@ -81,43 +112,45 @@ class WorkerRank:
     def _engine_config(self):
         from engine.config import EngineConfig
 
-        role = self._role_config()
+        role, config = self._role_config(), self.config
         return EngineConfig(
-            block_size=self.config.block_size, num_blocks=role.num_blocks,
+            block_size=config.block_size, num_blocks=role.num_blocks,
             max_num_batched_tokens=role.max_num_batched_tokens, max_num_seqs=role.max_num_seqs,
-            max_model_len=self.config.max_model_len, kv_cache_dtype=role.kv_cache_dtype,
-            enable_prefix_caching=role.enable_prefix_caching, dtype=self.config.dtype,
-            device=self.config.device, tensor_parallel_size=self.size,
-            num_threads=self.config.num_threads, seed=self.config.seed)
+            max_model_len=config.max_model_len, kv_cache_dtype=role.kv_cache_dtype,
+            enable_prefix_caching=role.enable_prefix_caching, dtype=config.dtype,
+            device=config.device, tensor_parallel_size=self.identity.size,
+            num_threads=config.num_threads, seed=config.seed)
 
     def _build_rank(self, options):
         from engine.parallel import TensorParallel
 
-        tp = TensorParallel(self.rank, self.size)
-        agent_name = f"{self.worker_id}-r{self.rank}-{uuid.uuid4().hex[:8]}"
+        identity = self.identity
+        tp = TensorParallel(identity.rank, identity.size)
+        agent_name = f"{identity.worker_id}-r{identity.rank}-{uuid.uuid4().hex[:8]}"
         wire = self.config.kv_transfer_dtype
-        if self.role == "decode":
+        if identity.role is Role.DECODE:
             from decode.rank import DecodeRank
 
             return DecodeRank(options, tp, agent_name, wire, self.config.decode.staging_blocks)
         from prefill.rank import PrefillRank
 
         return PrefillRank(options, tp, agent_name, wire,
-                           self.config.prefill.send_buffer_blocks)
+                           self.config.prefill.send_buffer_blocks, self.probe)
 
-    def _build_driver(self, options):
+    def _build_role(self, options):
+        from cluster.worker_loop import WorkerLoop
         from engine.rank_group import RankGroup
-        from pdserve.protocol import Fingerprint
 
-        group = RankGroup(self.rank_worker, self.size)
-        fingerprint = Fingerprint.of_model(self.config.model_dir, self.config.block_size,
-                                           self.config.dtype, self.config.kv_transfer_dtype)
-        host = ray.util.get_node_ip_address()
-        if self.role == "decode":
-            return self._build_decode(options, group, fingerprint, host)
-        return self._build_prefill(options, group, fingerprint, host)
+        group = RankGroup(self.rank_worker, self.identity.size)
+        is_decode = self.identity.role is Role.DECODE
+        self.loop = WorkerLoop(self.identity.worker_id, self.fingerprint, self.secret,
+                               ray.util.get_node_ip_address(),
+                               PeerRole.DECODE if is_decode else PeerRole.PREFILL)
+        if is_decode:
+            return self._build_decode(options, group)
+        return self._build_prefill(options, group)
 
-    def _build_decode(self, options, group, fingerprint, host):
+    def _build_decode(self, options, group):
         from decode.worker import DecodeOptions, DecodeWorker
         from engine.engine import LLMEngine
 
@@ -125,51 +158,35 @@ class WorkerRank:
                            executor=_GroupExecutor(group), options=options)
         role = self.config.decode
         decode_options = DecodeOptions(
-            self.worker_id, role.disagg_mode, role.max_local_prefill_tokens,
+            self.identity.worker_id, role.disagg_mode, role.max_local_prefill_tokens,
             role.max_prefill_queue, role.max_remote_reserved_blocks,
-            role.remote_prefill_timeout_s,
-            is_lossy_wire=self.config.kv_transfer_dtype == "fp8"
-            and role.kv_cache_dtype == "auto")
-        return DecodeWorker(group, engine, decode_options, fingerprint, self.secret, host)
+            role.remote_prefill_timeout_s, is_lossy_wire=self.config.is_lossy_wire)
+        return DecodeWorker(group, engine, decode_options, self.loop.dialer, self.probe)
 
-    def _build_prefill(self, options, group, fingerprint, host):
+    def _build_prefill(self, options, group):
         from engine.block_manager import BlockManager
         from prefill.worker import PrefillOptions, PrefillWorker
 
         role = self.config.prefill
         block_manager = BlockManager(options.num_blocks, options.block_size,
                                      role.enable_prefix_caching)
-        prefill_options = PrefillOptions(self.worker_id, role.max_num_seqs,
+        prefill_options = PrefillOptions(self.identity.worker_id, role.max_num_seqs,
                                          role.max_num_batched_tokens, options.max_model_len)
-        return PrefillWorker(group, block_manager, prefill_options, fingerprint, self.secret,
-                             host)
+        return PrefillWorker(group, block_manager, prefill_options)
 
     # -- rank 0's control surface ---------------------------------------------------------
 
-    def control(self, kind: str, *args: Any, timeout_s: float = 60.0) -> Any:
-        return self.driver.control(kind, *args).result(timeout_s)
-
-    def hold(self, request_id: str, at: int) -> None:
-        """Test hook. Prefill: the forward pass computing ``request_id`` stops after layer
-        ``at``. Decode: the engine loop stops once ``request_id`` has ``at`` output tokens
-        (they were sent)."""
-        self.rank_worker.is_holding.clear()
-        self.rank_worker.release_hold.clear()
-        self.rank_worker.hold = (request_id, at)
-
-    def wait_holding(self, timeout_s: float) -> bool:
-        return self.rank_worker.is_holding.wait(timeout_s)
-
-    def release_hold(self) -> None:
-        self.rank_worker.release_hold.set()
+    def control(self, command: Any, timeout_s: float = 60.0) -> Any:
+        """Run a typed command (``pdserve.worker_commands``) on the worker's loop thread."""
+        return self.loop.control(command).result(timeout_s)
 
     def wait_stopped(self) -> None:
         """Returns when the rank stops; raises (RayActorError) when its process dies."""
         self._stopped.wait()
 
     def shutdown(self) -> None:
-        if self.driver is not None:
-            self.driver.shutdown()
+        if self.loop is not None:
+            self.loop.shutdown()
             self._stopped.set()
 
 
@@ -180,7 +197,9 @@ class _GroupExecutor:
         self.group = group
 
     def execute(self, batch):
-        return self.group.call("execute", batch)
+        from decode.rank import DecodeRank
+
+        return self.group.call(DecodeRank.execute, batch)
 
     def shutdown(self) -> None:
         pass

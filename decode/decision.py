@@ -10,6 +10,8 @@ from collections import Counter
 from enum import Enum
 from typing import NamedTuple
 
+from pdserve.choices import DisaggMode
+
 
 class Where(Enum):
     LOCAL = "local"
@@ -33,12 +35,13 @@ class Decision(NamedTuple):
 
 
 class DecisionPolicy:
-    """``conditional``, ``always`` or ``never``, with the thresholds of DESIGN.md step 3."""
+    """A ``DisaggMode``, with the thresholds of DESIGN.md step 3."""
 
-    def __init__(self, mode: str, max_local_prefill_tokens: int, max_prefill_queue: int,
+    def __init__(self, mode: DisaggMode, max_local_prefill_tokens: int, max_prefill_queue: int,
                  max_remote_reserved_blocks: int | None):
-        if mode not in ("conditional", "always", "never"):
-            raise ValueError(f"disagg_mode={mode!r} is invalid: conditional, always or never")
+        if not isinstance(mode, DisaggMode):  # a string would compare unequal to every mode
+            raise ValueError(f"disagg_mode: {mode!r} is invalid, must be a DisaggMode "
+                             f"(DecodeConfig turns the config's string into one)")
         self.mode = mode
         self.max_local_prefill_tokens = max_local_prefill_tokens
         self.max_prefill_queue = max_prefill_queue
@@ -56,13 +59,13 @@ class DecisionPolicy:
 
     def _decide(self, uncached_tokens: int, num_blocks_to_send: int,
                 prefill_queue: int | None, num_reserved_blocks: int) -> Decision:
-        if self.mode == "never":
+        if self.mode is DisaggMode.NEVER:
             return Decision(Where.LOCAL, Reason.MODE_NEVER)
         if num_blocks_to_send == 0:
             return Decision(Where.LOCAL, Reason.NOTHING_TO_SEND)
         if prefill_queue is None:
             return Decision(Where.LOCAL, Reason.NO_PREFILL_WORKER)
-        if self.mode == "always":
+        if self.mode is DisaggMode.ALWAYS:
             return Decision(Where.REMOTE, Reason.MODE_ALWAYS)
         if uncached_tokens <= self.max_local_prefill_tokens:
             return Decision(Where.LOCAL, Reason.SHORT_UNCACHED)

@@ -13,6 +13,8 @@ from pdserve.transport import Connection
 
 
 class EventPublisher:
+    """Sends a decode worker's KV events and load to the router's subscriptions."""
+
     def __init__(self, worker_id: str, engine: LLMEngine):
         self.worker_id = worker_id
         self.engine = engine
@@ -34,8 +36,7 @@ class EventPublisher:
         """Called after each step: drains the block manager's events."""
         events = self.engine.drain_kv_events()
         if events:
-            batch = protocol.KVEvents(self.worker_id, self.seq,
-                                      [[e.kind, e.block_hash] for e in events])
+            batch = protocol.KVEvents(self.worker_id, self.seq, events)
             self.seq += len(events)
             self._send(batch)
         load = self.load()
@@ -49,6 +50,6 @@ class EventPublisher:
                              len(scheduler.waiting) + len(scheduler.waiting_for_remote_kv),
                              block_manager.num_free_blocks, block_manager.num_blocks)
 
-    def _send(self, msg) -> None:
+    def _send(self, msg: protocol.Message) -> None:
         for connection in self.subscribers.values():
             connection.send(msg)

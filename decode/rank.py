@@ -6,24 +6,21 @@ polls the consumer (every sender's notice goes to rank 0).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
 from kvtransfer.consumer import KVConsumer
 from kvtransfer.endpoint import Endpoint
+from pdserve.worker_stats import DecodeRankCounts
 
 
 class DecodeRank:
+    """One decode rank: the model runner over its KV pool, and the KV consumer."""
+
     def __init__(self, options: RunnerOptions, tp: TensorParallel, agent_name: str,
                  kv_transfer_dtype: str, staging_blocks: int):
         self.runner = ModelRunner(options, tp)
-        # Test hook: the engine loop stops once a chosen request has this many output tokens.
-        self.hold: tuple[str, int] | None = None
-        self.is_holding = threading.Event()
-        self.release_hold = threading.Event()
         self.consumer = KVConsumer(self.runner.kv_cache, agent_name=agent_name,
                                    tp_rank=tp.rank, tp_size=tp.size,
                                    num_kv_heads=options.model.num_kv_heads,
@@ -51,11 +48,11 @@ class DecodeRank:
     def finish_kv(self, request_id: str, materialize: bool) -> None:
         self.consumer.finish(request_id, materialize)
 
-    def counts(self) -> dict:
+    def counts(self) -> DecodeRankCounts:
         """What this rank holds on the KV plane (idle: no expectation, full staging)."""
-        return {"num_expected": self.consumer.num_expected,
-                "num_free_staging_blocks": self.consumer.num_free_staging_blocks,
-                "num_live_handles": self.consumer.agent.num_live_handles}
+        return DecodeRankCounts(self.consumer.num_expected,
+                                self.consumer.num_free_staging_blocks,
+                                self.consumer.agent.num_live_handles)
 
     def close(self) -> None:
         self.consumer.close()

@@ -19,7 +19,6 @@ import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from decode.decision import DecisionPolicy, Where
 from decode.events import EventPublisher
@@ -29,10 +28,11 @@ from engine.rank_group import RankGroup
 from engine.request import Request
 from kvtransfer.consumer import EventKind
 from pdserve import protocol
-from pdserve.protocol import Fingerprint
-from pdserve.sampling import SamplingParams
-from pdserve.transport import Connection, open_connection, resident_bytes
-from cluster.worker_loop import WorkerLoop
+from pdserve.probe import Probe
+from pdserve.protocol import FinishReason
+from pdserve.transport import Connection, Dialer, resident_bytes
+from pdserve.worker_commands import AddPrefill, GetStats, LosePrefill, agent_names
+from pdserve.worker_stats import DecodeStats, PrefillCounts
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ _TRANSFER_WAIT_S = 0.0005  # waiting on KV notices, which arrive without a wake-
 
 @dataclass(frozen=True, slots=True)
 class DecodeOptions:
+    """What a decode worker needs of the cluster config (plain values, DESIGN.md step 3)."""
+
     worker_id: str
     disagg_mode: str
     max_local_prefill_tokens: int
@@ -53,6 +55,8 @@ class DecodeOptions:
 
 @dataclass(slots=True)
 class PrefillPeer:
+    """A prefill worker this decode worker may send jobs to."""
+
     prefill_id: str
     agents: list[str]  # its NIXL agents by TP rank
     connection: Connection
@@ -62,6 +66,8 @@ class PrefillPeer:
 
 @dataclass(slots=True)
 class RemotePrefill:
+    """A request whose KV a prefill worker is writing: which attempt, where, how much."""
+
     request: Request
     attempt: int
     prefill_id: str
@@ -70,21 +76,26 @@ class RemotePrefill:
 
 @dataclass(slots=True)
 class Counters:
+    """What the worker counts for its stats."""
+
     prefills: Counter = field(default_factory=Counter)  # local / remote / fallback
     prompt_tokens_computed: int = 0
     num_finished: int = 0
 
 
-class DecodeWorker(WorkerLoop):
+class DecodeWorker:
+    """Rank 0's decode role, run by the cluster's worker loop (every method on its thread)."""
+
     def __init__(self, group: RankGroup, engine: LLMEngine, options: DecodeOptions,
-                 fingerprint: Fingerprint, secret: str, host: str):
+                 dialer: Dialer, probe: Probe | None = None):
         self.group = group
         self.rank0: DecodeRank = group.worker
         self.engine = engine
         self.options = options
-        self.fingerprint, self.secret = fingerprint, secret
-        self.endpoints: list[dict] = group.gather("endpoint")
-        self.agents: list[str] = [e["agent_name"] for e in self.endpoints]
+        self.dialer = dialer
+        self.probe = probe or Probe()
+        self.endpoints: list[dict] = group.gather(DecodeRank.endpoint)
+        self.agents: list[str] = agent_names(self.endpoints)
         self.policy = DecisionPolicy(options.disagg_mode, options.max_local_prefill_tokens,
                                      options.max_prefill_queue,
                                      options.max_remote_reserved_blocks)
@@ -98,22 +109,21 @@ class DecodeWorker(WorkerLoop):
         # wrong attempt, and nothing per request outlives it.
         self._attempts = itertools.count(1)
         self.events = EventPublisher(options.worker_id, engine)
-        self._start_loop(options.worker_id, fingerprint, secret, host)
 
     # -- the engine thread ----------------------------------------------------------------
 
-    def _iterate(self) -> None:
+    def iterate(self) -> None:
         self._poll_kv()
         self._step()
         self.events.publish()
 
-    def _wait_s(self) -> float:
+    def wait_s(self) -> float:
         scheduler = self.engine.scheduler
         if scheduler.running or scheduler.waiting:
             return 0.0
         return _TRANSFER_WAIT_S if (self.remote or self.stale) else _IDLE_WAIT_S
 
-    def _on_request_plane(self, connection: Connection, msg: Any) -> None:
+    def on_message(self, connection: Connection, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Generate):
             self._generate(connection, msg)
         elif isinstance(msg, protocol.Cancel):
@@ -137,14 +147,13 @@ class DecodeWorker(WorkerLoop):
     def _generate(self, connection: Connection, msg: protocol.Generate) -> None:
         request_id = msg.request_id
         if request_id in self.stale:  # (the engine refuses ids it is running)
-            connection.send(protocol.TokenChunk(request_id, [], True, "",
+            connection.send(protocol.TokenChunk(request_id, [], True, None,
                                                 f"request_id {request_id!r} is in use"))
             return
         try:
-            params = SamplingParams(**msg.sampling)
-            self.engine.add_request(list(msg.prompt_token_ids), params, request_id)
-        except (ValueError, TypeError) as error:
-            connection.send(protocol.TokenChunk(request_id, [], True, "", str(error)))
+            self.engine.add_request(msg.prompt_token_ids, msg.sampling, request_id)
+        except ValueError as error:
+            connection.send(protocol.TokenChunk(request_id, [], True, None, str(error)))
             return
         self.streams[request_id] = connection
         request = self.engine.scheduler.requests[request_id]
@@ -182,8 +191,8 @@ class DecodeWorker(WorkerLoop):
         pool_blocks = block_ids[first:]
         attempt = next(self._attempts)
         timeout_s = self.options.remote_prefill_timeout_s
-        targets = self.group.call("expect", request_id, attempt, pool_blocks, peer.agents,
-                                  timeout_s)
+        targets = self.group.call(DecodeRank.expect, request_id, attempt, pool_blocks,
+                                  peer.agents, timeout_s)
         if targets is None:  # staging is short: prefill here after all
             self.engine.scheduler.take_back_remote(request_id, request_id + "#none")
             self.engine.block_manager.free(request_id + "#none")
@@ -209,7 +218,7 @@ class DecodeWorker(WorkerLoop):
 
     def _landed(self, request_id: str) -> None:
         remote = self.remote.pop(request_id)
-        self.group.call("finish_kv", request_id, True)
+        self.group.call(DecodeRank.finish_kv, request_id, True)
         if self.options.is_lossy_wire:
             remote.request.is_cacheable = False
         self.engine.scheduler.remote_kv_landed(request_id)
@@ -234,7 +243,7 @@ class DecodeWorker(WorkerLoop):
         parked = self.stale.pop(request_id, None)
         if parked is None:
             raise RuntimeError(f"RELEASED for request {request_id!r} that is not parked")
-        self.group.call("finish_kv", request_id, False)
+        self.group.call(DecodeRank.finish_kv, request_id, False)
         self.engine.block_manager.free(parked[0])
 
     def _abort(self, request_id: str, reason: str) -> None:
@@ -243,7 +252,7 @@ class DecodeWorker(WorkerLoop):
         if self.engine.abort_request(request_id):
             connection = self.streams.pop(request_id, None)
             if connection is not None:
-                connection.send(protocol.TokenChunk(request_id, [], True, "abort"))
+                connection.send(protocol.TokenChunk(request_id, [], True, FinishReason.ABORT))
             logger.debug("request %s: aborted (%s)", request_id, reason)
 
     def _step(self) -> None:
@@ -260,11 +269,8 @@ class DecodeWorker(WorkerLoop):
             if connection is not None:
                 connection.send(protocol.TokenChunk(
                     output.request_id, output.new_token_ids, output.finished,
-                    output.finish_reason or "", "", output.num_cached_tokens))
-            hold = self.rank0.hold
-            if hold is not None and hold == (output.request_id, len(output.token_ids)):
-                self.rank0.is_holding.set()
-                self.rank0.release_hold.wait()
+                    output.finish_reason, "", output.num_cached_tokens))
+            self.probe.after_output(output.request_id, len(output.token_ids))
 
     # -- prefill workers ------------------------------------------------------------------
 
@@ -280,7 +286,7 @@ class DecodeWorker(WorkerLoop):
         if prefill_id in self.prefills:
             self.prefills[prefill_id].queue_depth = depth
 
-    def _connection_closed(self, connection: Connection) -> None:
+    def on_close(self, connection: Connection) -> None:
         for request_id in [r for r, c in self.streams.items() if c is connection]:
             self._abort(request_id, "client disconnected")
         self.events.unsubscribe(connection)
@@ -296,40 +302,53 @@ class DecodeWorker(WorkerLoop):
                            if rp.prefill_id == peer.prefill_id]:
             self._fall_back(request_id, f"prefill worker {peer.prefill_id}: {reason}")
 
-    def _control_add_prefill(self, prefill_id: str, host: str, port: int,
-                             endpoints: list[dict]) -> None:
-        self.group.call("add_peers", endpoints)
-        connection = self.net.run(open_connection(
-            host, port, "decode", self.fingerprint, self.secret, self._on_message,
-            self._on_close), timeout_s=30)
-        self.prefills[prefill_id] = PrefillPeer(
-            prefill_id, [e["agent_name"] for e in endpoints], connection)
+    # -- control (from the cluster) -------------------------------------------------------
 
-    def _control_lose_prefill(self, prefill_id: str) -> None:
+    def control(self, command: AddPrefill | LosePrefill | GetStats) -> DecodeStats | None:
+        if isinstance(command, AddPrefill):
+            self._add_prefill(command)
+        elif isinstance(command, LosePrefill):
+            self._lose_prefill(command.prefill_id)
+        elif isinstance(command, GetStats):
+            return self._stats()
+        else:
+            raise ValueError(f"a decode worker does not take {type(command).__name__}")
+        return None
+
+    def close(self) -> None:
+        self.group.stop()
+        self.rank0.close()
+
+    def _add_prefill(self, command: AddPrefill) -> None:
+        self.group.call(DecodeRank.add_peers, command.endpoints)
+        connection = self.dialer.connect(command.host, command.port)
+        self.prefills[command.prefill_id] = PrefillPeer(
+            command.prefill_id, agent_names(command.endpoints), connection)
+
+    def _lose_prefill(self, prefill_id: str) -> None:
         peer = self.prefills.pop(prefill_id, None)
         if peer is None:
             return
         self._prefill_gone(peer, "declared dead")
         peer.connection.close()
-        self.group.call("remove_peers", peer.agents)
+        self.group.call(DecodeRank.remove_peers, peer.agents)
 
-    def _control_stats(self) -> dict:
-        scheduler = self.engine.scheduler
-        return {
-            "worker_id": self.options.worker_id,
-            "decisions": {f"{w}:{r}": n for (w, r), n in self.policy.counts.items()},
-            "prefills": dict(self.counters.prefills),
-            "prompt_tokens_computed": self.counters.prompt_tokens_computed,
-            "num_finished": self.counters.num_finished,
-            "num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting),
-            "num_waiting_for_remote_kv": len(scheduler.waiting_for_remote_kv),
-            "num_remote": len(self.remote), "num_stale": len(self.stale),
-            "num_streams": len(self.streams),
-            "num_free_blocks": self.engine.block_manager.num_free_blocks,
-            "num_blocks": self.engine.block_manager.num_blocks,
-            "max_model_len": self.engine.max_model_len,
-            "ranks": self.group.gather("counts"),
-            "prefill_peers": {p.prefill_id: p.is_healthy for p in self.prefills.values()},
-            "num_subscribers": len(self.events.subscribers),
-            "rss_bytes": resident_bytes(),
-        }
+    def _stats(self) -> DecodeStats:
+        scheduler, block_manager = self.engine.scheduler, self.engine.block_manager
+        prefills = self.counters.prefills
+        return DecodeStats(
+            worker_id=self.options.worker_id,
+            decisions={f"{w}:{r}": n for (w, r), n in self.policy.counts.items()},
+            prefills=PrefillCounts(prefills["local"], prefills["remote"],
+                                   prefills["fallback"]),
+            prompt_tokens_computed=self.counters.prompt_tokens_computed,
+            num_finished=self.counters.num_finished,
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_waiting_for_remote_kv=len(scheduler.waiting_for_remote_kv),
+            num_remote=len(self.remote), num_stale=len(self.stale),
+            num_streams=len(self.streams),
+            num_free_blocks=block_manager.num_free_blocks, num_blocks=block_manager.num_blocks,
+            max_model_len=self.engine.max_model_len,
+            ranks=self.group.gather(DecodeRank.counts),
+            prefill_peers={p.prefill_id: p.is_healthy for p in self.prefills.values()},
+            num_subscribers=len(self.events.subscribers), rss_bytes=resident_bytes())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from pdserve.hashing import ROOT_HASH, hash_block
+from pdserve.protocol import KVEvent, KVEventKind
 
 
 @dataclass(slots=True)
@@ -28,13 +29,6 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] | None = None
-
-
-class KVEvent(NamedTuple):
-    """A change to the prefix cache, published to the router: ``stored`` or ``removed``."""
-
-    kind: str
-    block_hash: int
 
 
 class PrefixMatch(NamedTuple):
@@ -151,7 +145,7 @@ class BlockManager:
             if table.last_hash not in self._cached:
                 block.block_hash, block.token_ids = table.last_hash, chunk
                 self._cached[table.last_hash] = block.block_id
-                self._events.append(KVEvent("stored", table.last_hash))
+                self._events.append(KVEvent(KVEventKind.STORED, table.last_hash))
         table.num_hashed_blocks = max(table.num_hashed_blocks, num_full)
 
     def rename(self, request_id: str, new_id: str) -> None:
@@ -188,7 +182,7 @@ class BlockManager:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) == block_id:
                 del self._cached[block.block_hash]
-                self._events.append(KVEvent("removed", block.block_hash))
+                self._events.append(KVEvent(KVEventKind.REMOVED, block.block_hash))
             block.block_hash, block.token_ids = None, None
         block.ref_count = 1
         return block_id

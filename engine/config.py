@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.checkpoint_files import read_json
+from pdserve.choices import DEVICES, KV_CACHE_DTYPES, MODEL_DTYPES, check_fields, setting
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-KV_CACHE_DTYPES = ("auto", "fp8")
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,44 +130,26 @@ def _eos_token_ids(model_dir: Path, raw: dict[str, Any]) -> tuple[int, ...]:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Options of one engine instance (one tensor-parallel group)."""
+    """Options of one engine instance (one tensor-parallel group).
 
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_memory_fraction: float = 0.1
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    kv_cache_dtype: str = "auto"
-    enable_prefix_caching: bool = True
-    dtype: str = "auto"
-    device: str | None = None
-    tensor_parallel_size: int = 1
-    num_threads: int | None = None
-    seed: int = 0
+    Checked like the cluster config, by ``check_fields`` against the same tables
+    (``pdserve/choices.py``); an error names the bare field, in the engine API's form:
+    ``block_size=0 is invalid: must be >= 1``.
+    """
+
+    block_size: int = setting(16, minimum=1)
+    num_blocks: int | None = setting(None, minimum=1)
+    kv_cache_memory_fraction: float = setting(0.1, exclusive_minimum=0, maximum=1)
+    max_num_batched_tokens: int = setting(2048, minimum=1)
+    max_num_seqs: int = setting(64, minimum=1)
+    max_model_len: int | None = setting(None, minimum=1)
+    kv_cache_dtype: str = setting("auto", choices=KV_CACHE_DTYPES)
+    enable_prefix_caching: bool = setting(True)
+    dtype: str = setting("auto", choices=MODEL_DTYPES)
+    device: str | None = setting(None, choices=DEVICES)  # None: cuda if present, else cpu
+    tensor_parallel_size: int = setting(1, minimum=1)
+    num_threads: int | None = setting(None, minimum=1)
+    seed: int = setting(0, minimum=0)
 
     def __post_init__(self) -> None:
-        _check(self.block_size >= 1, "block_size", self.block_size, ">= 1")
-        _check(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", self.num_blocks,
-               ">= 1")
-        _check(0 < self.kv_cache_memory_fraction <= 1, "kv_cache_memory_fraction",
-               self.kv_cache_memory_fraction, "in (0, 1]")
-        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
-               self.max_num_batched_tokens, ">= 1")
-        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
-        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
-               self.max_model_len, ">= 1")
-        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
-               f"one of {KV_CACHE_DTYPES}")
-        _check(self.dtype in MODEL_DTYPES, "dtype", self.dtype, f"one of {MODEL_DTYPES}")
-        _check(self.device in (None, "cpu", "cuda") or str(self.device).startswith("cuda:"),
-               "device", self.device, "cpu, cuda or cuda:N")
-        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
-               self.tensor_parallel_size, ">= 1")
-        _check(self.num_threads is None or self.num_threads >= 1, "num_threads",
-               self.num_threads, ">= 1")
-
-
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: must be {expected}")
+        check_fields(self, message="{name}={value!r} is invalid: must be {expected}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.block_manager import BlockManager, KVEvent
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.executor import LocalExecutor, MultiprocessExecutor, default_num_threads
 from engine.kv_cache import bytes_per_block
@@ -18,6 +18,7 @@ from engine.parallel import TensorParallel, check_head_split, local_kv_heads
 from engine.request import Request, RequestId, RequestStatus
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.protocol import FinishReason, KVEvent
 from pdserve.sampling import SamplingParams
 
 
@@ -30,7 +31,7 @@ class RequestOutput:
     new_token_ids: list[int]
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     num_cached_tokens: int
     num_prompt_tokens_computed: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)

@@ -1,7 +1,8 @@
 """One tensor-parallel group of worker processes running the same calls in lockstep.
 
 Every rank holds a worker object (its model runner and KV side). Rank 0 drives: ``call``
-broadcasts a method name and plain-Python arguments to ranks 1.. and runs the method on its
+broadcasts a method of the worker's class (the function itself, pickled by its qualified
+name, never a name in a string) and plain-Python arguments to ranks 1.. and runs it on its
 own worker too, so every rank runs the same forward passes and the same KV-plane operations
 in the same order. ``gather`` also collects each rank's return value. Ranks 1.. sit in
 ``follow`` until rank 0 sends ``stop``. The process group is gloo on CPU, nccl on CUDA, and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -55,18 +57,19 @@ class RankGroup:
         self.worker = worker
         self.size = size
 
-    def call(self, method: str, *args: Any) -> Any:
-        """Run ``worker.method(*args)`` on every rank; rank 0's result."""
+    def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Run ``method(worker, *args)`` on every rank (``method``: e.g. ``DecodeRank.expect``);
+        rank 0's result."""
         if self.size > 1:
             broadcast_object((method, args, False))
-        return getattr(self.worker, method)(*args)
+        return method(self.worker, *args)
 
-    def gather(self, method: str, *args: Any) -> list[Any]:
-        """Run ``worker.method(*args)`` on every rank; every rank's result, by rank."""
+    def gather(self, method: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run ``method(worker, *args)`` on every rank; every rank's result, by rank."""
         if self.size == 1:
-            return [getattr(self.worker, method)(*args)]
+            return [method(self.worker, *args)]
         broadcast_object((method, args, True))
-        mine = getattr(self.worker, method)(*args)
+        mine = method(self.worker, *args)
         results: list[Any] = [None] * self.size
         dist.gather_object(mine, results, dst=0)
         return results
@@ -84,7 +87,7 @@ def follow(worker: Any) -> None:
         if command is None:
             break
         method, args, is_gather = command
-        result = getattr(worker, method)(*args)
+        result = method(worker, *args)
         if is_gather:
             dist.gather_object(result, None, dst=0)
     dist.destroy_process_group()

@@ -6,12 +6,15 @@ import enum
 from dataclasses import dataclass, field
 from typing import NewType
 
+from pdserve.protocol import FinishReason
 from pdserve.sampling import SamplingParams
 
 RequestId = NewType("RequestId", str)
 
 
 class RequestStatus(enum.Enum):
+    """Where a request stands in the engine."""
+
     WAITING = "waiting"
     RUNNING = "running"
     # Blocks allocated, KV being written by a prefill worker; never preempted.
@@ -26,9 +29,9 @@ class RequestStatus(enum.Enum):
 
 
 FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
 }
 
 
@@ -80,7 +83,7 @@ class Request:
         return self.status.is_finished
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         return FINISH_REASONS.get(self.status)
 
     def stop_status(self, max_model_len: int) -> RequestStatus | None:
@@ -91,6 +94,7 @@ class Request:
             return RequestStatus.FINISHED_STOPPED
         if last in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= params.max_tokens or self.num_tokens >= max_model_len:
+        if self.num_tokens >= max_model_len or (
+                params.max_tokens is not None and self.num_output_tokens >= params.max_tokens):
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -22,10 +22,9 @@ from __future__ import annotations
 import heapq
 from enum import Enum
 
-# The rule lives with the cluster config, which the light base validates without torch.
-from pdserve.config import KV_CACHE_DTYPES as KV_CACHE_DTYPES
-from pdserve.config import KV_TRANSFER_DTYPES as KV_TRANSFER_DTYPES
+# The rules live with the cluster config, which the light base validates without torch.
 from pdserve.config import check_wire as check_wire
+from pdserve.config import lands_in_staging
 
 
 class Source(Enum):
@@ -41,13 +40,13 @@ class Target(Enum):
 def source_of(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> Source:
     """Where a rank's wire bytes live; a destination's landing area follows the same rule
     (``target_of``), so ``WireRegion`` asks this one."""
-    if kv_transfer_dtype == "fp8" and pool_kv_cache_dtype == "auto":
+    if lands_in_staging(kv_transfer_dtype, pool_kv_cache_dtype):
         return Source.SEND_BUFFER
     return Source.POOL
 
 
 def target_of(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> Target:
-    if kv_transfer_dtype == "fp8" and pool_kv_cache_dtype == "auto":
+    if lands_in_staging(kv_transfer_dtype, pool_kv_cache_dtype):
         return Target.STAGING
     return Target.POOL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import Any
 
 
 def int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -33,3 +34,22 @@ def positive_float(text: str) -> float:
     if not value > 0 or math.isnan(value):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
+
+
+def checked(parse: Callable[[str], Any],
+            problem: Callable[[Any], str | None]) -> Callable[[str], Any]:
+    """A config field's own check as an argparse type: ``parse`` the text, then ask
+    ``problem`` what the field wants instead (None: it takes the value). Text ``parse``
+    refuses is checked as it is, so the error still says what was expected."""
+
+    def parse_checked(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = text
+        expected = problem(value)
+        if expected is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid, must be {expected}")
+        return value
+
+    return parse_checked

@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from enum import Enum
+from typing import NamedTuple
 
 from pdserve import modelgen
-from pdserve.argtypes import int_in
-from pdserve.config import DISAGG_MODES, KV_CACHE_DTYPES, KV_TRANSFER_DTYPES, ClusterConfig
+from pdserve.argtypes import checked, int_in
+from pdserve.choices import FieldSpec, choice_values
+from pdserve.config import ClusterConfig, cluster_fields
+
+
+class ConfigFlag(NamedTuple):
+    """A `pdserve serve` flag that config fields ask for (``flag=`` in their setting)."""
+
+    paths: tuple[str, ...]  # the fields it sets: --kv-cache-dtype sets both roles' pools
+    spec: FieldSpec  # the first field's: its type, bounds, choices, help and default
+
+
+def config_flags() -> dict[str, ConfigFlag]:
+    """Every flag the cluster config's fields ask for, in field order."""
+    flags: dict[str, ConfigFlag] = {}
+    for path, spec in cluster_fields():
+        if spec.flag is None:
+            continue
+        paths, first = flags.get(spec.flag, ((), spec))
+        if (spec.kind, spec.choices) != (first.kind, first.choices):
+            raise RuntimeError(f"{spec.flag} is on fields that take different values: "
+                               f"{paths[0]} and {path}")
+        flags[spec.flag] = ConfigFlag((*paths, path), first)
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,32 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="With no arguments: the embedded tiny model on a local Ray cluster with one "
                     "prefill and one decode worker, at http://127.0.0.1:8000. Flags override "
                     "--config, which overrides the defaults.")
-    serve.add_argument("--model", default=None, help="checkpoint directory (default: the "
-                       "embedded model, built once and cached)")
+    serve.add_argument("--config", default=None, help="cluster YAML (see docs/cluster.md)")
     serve.add_argument("--size", choices=sorted(modelgen.SIZES), default="tiny",
                        help="which embedded model, when --model is not given")
-    serve.add_argument("--config", default=None, help="cluster YAML (see docs/cluster.md)")
-    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=None, help="HTTP port (default 8000)")
-    serve.add_argument("--prefill-workers", type=_non_negative_int, default=None)
-    serve.add_argument("--decode-workers", type=_positive_int, default=None)
-    serve.add_argument("--prefill-tp", type=_positive_int, default=None,
-                       help="tensor-parallel ranks per prefill worker")
-    serve.add_argument("--decode-tp", type=_positive_int, default=None,
-                       help="tensor-parallel ranks per decode worker")
-    serve.add_argument("--max-local-prefill-tokens", type=_non_negative_int, default=None,
-                       help="a decode worker prefills prompts with up to this many uncached "
-                            "tokens itself")
-    serve.add_argument("--disagg-mode", choices=DISAGG_MODES, default=None)
-    serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
-                       help="both roles' KV pools")
-    serve.add_argument("--kv-transfer-dtype", choices=KV_TRANSFER_DTYPES, default=None)
-    serve.add_argument("--address", default=None,
-                       help="Ray: 'local' (start one here) or 'auto' (join `ray start`)")
-    serve.add_argument("--kv-weight", type=float, default=None,
-                       help="routing: weight of blocks to prefill against load (0: load only)")
-    serve.add_argument("--max-queue", type=_non_negative_int, default=None,
-                       help="requests that may wait before the server answers 429")
+    for flag, config_flag in config_flags().items():
+        _add_config_flag(serve, flag, config_flag)
     serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
     serve.set_defaults(handler=_serve)
@@ -109,36 +111,47 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     """--config (or the defaults), then each flag given on top; ValueError names the field."""
     if args.config:
         config = ClusterConfig.from_yaml(args.config)
-        if args.model:
-            config = dataclasses.replace(config, model_dir=args.model)
     else:
         model_dir = args.model or str(modelgen.ensure_default_model(args.size))
         config = ClusterConfig(model_dir=model_dir)
     data = config.to_dict()
-    for flag, (section, key) in _FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
+    for flag, (paths, _) in config_flags().items():
+        value = getattr(args, _dest(flag))
+        if value is None:
+            continue
+        for path in paths:
+            section, _, key = path.rpartition(".")
             (data[section] if section else data)[key] = value
-    if args.kv_cache_dtype is not None:
-        data["decode"]["kv_cache_dtype"] = data["prefill"]["kv_cache_dtype"] = \
-            args.kv_cache_dtype
     return ClusterConfig.from_dict(data)
 
 
-# flag -> (config section, field)
-_FLAGS = {
-    "host": ("router", "host"), "port": ("router", "port"),
-    "kv_weight": ("router", "kv_weight"), "max_queue": ("router", "max_queue"),
-    "prefill_workers": ("prefill", "num_workers"), "decode_workers": ("decode", "num_workers"),
-    "prefill_tp": ("prefill", "tensor_parallel_size"),
-    "decode_tp": ("decode", "tensor_parallel_size"),
-    "max_local_prefill_tokens": ("decode", "max_local_prefill_tokens"),
-    "disagg_mode": ("decode", "disagg_mode"),
-    "kv_transfer_dtype": ("", "kv_transfer_dtype"), "address": ("", "address"),
-}
+def _add_config_flag(parser: argparse.ArgumentParser, flag: str, config_flag: ConfigFlag) -> None:
+    """The flag as its fields' spec says: the same check, choices from the same table."""
+    paths, spec = config_flag
+    default = f"; default {_plain(spec.default)}" if spec.has_default else ""
+    options = {"dest": _dest(flag), "default": None,
+               "help": f"{spec.help} ({', '.join(paths)}{default})"}
+    if spec.kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+    elif spec.kind in (int, float, str) or spec.choices is not None:
+        metavar = ({int: "N", float: "X"}.get(spec.kind) if spec.choices is None
+                   else f"{{{','.join(choice_values(spec.choices))}}}")
+        parser.add_argument(flag, type=checked(spec.kind, spec.problem), metavar=metavar,
+                            **options)
+    else:
+        raise RuntimeError(f"{flag}: {paths[0]} takes a {spec.kind.__name__}, which has no "
+                           f"flag form")
 
 
-_positive_int, _non_negative_int, _port = int_in(1), int_in(0), int_in(0, 65535)
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _plain(value: object) -> object:
+    return value.value if isinstance(value, Enum) else value
+
+
+_positive_int = int_in(1)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ MAX_RETRY_AFTER_S = 60.0  # the longest wait a Retry-After header can ask for
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """The server's token counts for one completion."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -316,7 +318,12 @@ class StreamParser:
             if data == "[DONE]":
                 self.is_done = True
                 break
-            delta = self._take(parse_json(data.encode(), 200, self.request_id))
+            event = parse_json(data.encode(), 200, self.request_id)
+            try:
+                delta = self._take(event)
+            except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+                raise ServerError(200, f"unexpected event shape ({exc!r}): {data[:200]}",
+                                  request_id=self.request_id) from None
             if delta:
                 self._parts.append(delta)
                 deltas.append(delta)

@@ -1,29 +1,35 @@
 """The request plane's wire: every message between router, decode and prefill workers.
 
-A message is a frozen dataclass with a type tag; on the wire it is a msgpack array
-``[tag, field, ...]`` inside a frame (4-byte big-endian length, then the payload). Frames over
-the limit are refused before they are read. A connection opens with ``Hello`` (protocol
-version, the peer's fingerprint, the cluster secret) answered by ``HelloReply``; a peer whose
-version, secret or fingerprint differs is refused with a reason and disconnected.
+A message is a frozen, tagged, array-like ``msgspec.Struct``; on the wire it is a msgpack
+array ``[tag, field, ...]`` inside a frame
+(4-byte big-endian length, then the payload). Frames over the limit are refused before they
+are read. Decoding checks every field's type, nested Structs included, so a peer that sends
+a string where token ids belong is refused at the edge with the message and field named
+(``ProtocolError``), and the connection closes; nothing malformed reaches a worker.
 
-Messages carry token ids, block ids and hashes, never tensors.
+A connection opens with ``Hello`` (protocol version, the peer's fingerprint, the cluster
+secret) answered by ``HelloReply``; a peer whose version, secret or fingerprint differs is
+refused with a reason and disconnected. Messages carry token ids, block ids and hashes,
+never tensors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import hmac
+import re
 import struct
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Union
 
-import msgpack
+import msgspec
 
 from pdserve.checkpoint_files import read_json
+from pdserve.sampling import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -32,8 +38,32 @@ class ProtocolError(Exception):
     """The peer broke the protocol (bad frame, unknown message, refused handshake)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
+class PeerRole(str, enum.Enum):
+    """Who opened a request-plane connection."""
+
+    CLIENT = "client"  # the cluster's own facade (Cluster.generate)
+    ROUTER = "router"
+    DECODE = "decode"
+    PREFILL = "prefill"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended (a ``str`` Enum: it compares equal to its value)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    WORKER_LOST = "worker_lost"  # made by the request-plane client, never sent by a worker
+
+
+class KVEventKind(str, enum.Enum):
+    """A change to a decode worker's prefix cache."""
+
+    STORED = "stored"
+    REMOVED = "removed"
+
+
+class Fingerprint(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """What two peers must agree on to exchange token ids, block ids and KV."""
 
     model: str
@@ -63,40 +93,36 @@ class Fingerprint:
 
     def mismatch(self, other: Fingerprint) -> str:
         """Empty when equal, else which fields differ (mine vs theirs)."""
-        return ", ".join(f"{f.name}={getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
-                         for f in fields(self) if getattr(self, f.name) != getattr(other, f.name))
+        return ", ".join(f"{name}={getattr(self, name)!r} vs {getattr(other, name)!r}"
+                         for name in self.__struct_fields__
+                         if getattr(self, name) != getattr(other, name))
 
 
-_MESSAGES: dict[int, type] = {}
+class KVEvent(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One prefix-cache change: a block hash stored or removed."""
+
+    kind: KVEventKind
+    block_hash: int
 
 
-def message(tag: int):
-    """Register a dataclass as a message type under ``tag``."""
-    def register(cls):
-        if tag in _MESSAGES:
-            raise RuntimeError(f"message tag {tag} used twice")
-        cls.TAG = tag
-        _MESSAGES[tag] = cls
-        return cls
-    return register
+class Message(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """The base of every request-plane message; a subclass sets its wire ``tag``."""
 
 
 # -- handshake ------------------------------------------------------------------------------
 
-@message(1)
-@dataclass(frozen=True, slots=True)
-class Hello:
-    TAG: ClassVar[int]
+class Hello(Message, tag=1):
+    """The first message of a connection, from the side that opened it."""
+
     version: int
-    role: str  # "client", "decode", "prefill"
-    fingerprint: dict
+    role: PeerRole
+    fingerprint: Fingerprint
     secret: str
 
 
-@message(2)
-@dataclass(frozen=True, slots=True)
-class HelloReply:
-    TAG: ClassVar[int]
+class HelloReply(Message, tag=2):
+    """The answer to ``Hello``: accepted, or refused with a reason."""
+
     ok: bool
     reason: str
     worker_id: str
@@ -104,75 +130,57 @@ class HelloReply:
 
 # -- client <-> decode worker ---------------------------------------------------------------
 
-@message(10)
-@dataclass(frozen=True, slots=True)
-class Generate:
+class Generate(Message, tag=10):
     """Start a request; token chunks stream back on the same connection."""
 
-    TAG: ClassVar[int]
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict  # SamplingParams fields
+    sampling: SamplingParams
     priority: int = 0
 
 
-@message(11)
-@dataclass(frozen=True, slots=True)
-class TokenChunk:
-    """New tokens of a request; the last chunk has ``finished`` and a ``finish_reason``
-    (``stop``, ``length``, ``abort``) or an ``error`` (the request failed, e.g. bad input)."""
+class TokenChunk(Message, tag=11):
+    """New tokens of a request; the last chunk has ``finished`` and a ``finish_reason``, or
+    an ``error`` (the request failed, e.g. bad input)."""
 
-    TAG: ClassVar[int]
     request_id: str
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str = ""
+    finish_reason: FinishReason | None = None
     error: str = ""
     num_cached_tokens: int = 0
 
 
-@message(12)
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    TAG: ClassVar[int]
+class Cancel(Message, tag=12):
+    """Stop a request; its worker answers with a last chunk (``abort``)."""
+
     request_id: str
 
 
-@message(13)
-@dataclass(frozen=True, slots=True)
-class Subscribe:
+class Subscribe(Message, tag=13):
     """Ask for KV events and load reports; a ``KVSnapshot`` comes first."""
 
-    TAG: ClassVar[int]
 
+class KVEvents(Message, tag=14):
+    """Prefix-cache changes ``[seq_start, seq_start + len(events))``. A gap in sequence
+    numbers means events were lost."""
 
-@message(14)
-@dataclass(frozen=True, slots=True)
-class KVEvents:
-    """Prefix-cache changes ``[seq_start, seq_start + len(events))``: (kind, hash) pairs,
-    kind ``stored`` or ``removed``. A gap in sequence numbers means events were lost."""
-
-    TAG: ClassVar[int]
     worker_id: str
     seq_start: int
-    events: list[list]
+    events: list[KVEvent]
 
 
-@message(15)
-@dataclass(frozen=True, slots=True)
-class KVSnapshot:
+class KVSnapshot(Message, tag=15):
     """Every block hash the worker's prefix cache holds as of sequence number ``seq``."""
 
-    TAG: ClassVar[int]
     worker_id: str
     seq: int
     block_hashes: list[int]
 
 
-@message(16)
-@dataclass(frozen=True, slots=True)
-class Load:
-    TAG: ClassVar[int]
+class Load(Message, tag=16):
+    """A decode worker's load, sent to subscribers whenever it changed."""
+
     worker_id: str
     num_running: int
     num_waiting: int
@@ -182,13 +190,10 @@ class Load:
 
 # -- decode worker <-> prefill worker -------------------------------------------------------
 
-@message(20)
-@dataclass(frozen=True, slots=True)
-class PrefillJob:
+class PrefillJob(Message, tag=20):
     """Compute the KV of ``token_ids[:-1]`` and write the blocks decode lacks (those from
     ``num_cached_tokens`` on) into ``block_ids`` of the decode group ``agents`` (by rank)."""
 
-    TAG: ClassVar[int]
     request_id: str
     attempt: int
     token_ids: list[int]
@@ -198,10 +203,9 @@ class PrefillJob:
     timeout_s: float
 
 
-@message(21)
-@dataclass(frozen=True, slots=True)
-class JobReply:
-    TAG: ClassVar[int]
+class JobReply(Message, tag=21):
+    """A prefill worker took a job, or refused it with a reason."""
+
     request_id: str
     attempt: int
     accepted: bool
@@ -209,67 +213,87 @@ class JobReply:
     queue_depth: int = 0
 
 
-@message(22)
-@dataclass(frozen=True, slots=True)
-class CancelJob:
-    TAG: ClassVar[int]
+class CancelJob(Message, tag=22):
+    """Decode gives up on one attempt of a remote prefill."""
+
     request_id: str
     attempt: int
 
 
-@message(23)
-@dataclass(frozen=True, slots=True)
-class CancelJobReply:
+class CancelJobReply(Message, tag=23):
     """``is_writing``: the job had started, so its writes end with a CANCELLED (or DONE)
     notice on the KV plane; otherwise it was dropped from the queue and nothing was sent."""
 
-    TAG: ClassVar[int]
     request_id: str
     attempt: int
     is_writing: bool
     queue_depth: int = 0
 
 
-@message(24)
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    TAG: ClassVar[int]
+class QueueDepth(Message, tag=24):
+    """A prefill worker's queue depth, sent whenever a job ends."""
+
     queue_depth: int
 
 
-@message(30)
-@dataclass(frozen=True, slots=True)
-class Error:
-    TAG: ClassVar[int]
+class Error(Message, tag=30):
+    """The peer is closing the connection because of this."""
+
     message: str
+
+
+MESSAGES: dict[int, type[Message]] = {
+    cls.__struct_config__.tag: cls
+    for cls in (Hello, HelloReply, Generate, TokenChunk, Cancel, Subscribe, KVEvents,
+                KVSnapshot, Load, PrefillJob, JobReply, CancelJob, CancelJobReply, QueueDepth,
+                Error)
+}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])  # noqa: UP007
+_INDEX = re.compile(r"^\$\[(\d+)\]")
+
+
+def tag_of(cls: type[Message]) -> int:
+    return cls.__struct_config__.tag
 
 
 # -- encoding -------------------------------------------------------------------------------
 
-def encode(msg: Any) -> bytes:
+def encode(msg: Message) -> bytes:
     """One frame: length header and msgpack payload."""
-    payload = msgpack.packb([msg.TAG, *_values(msg)])
+    payload = _ENCODER.encode(msg)
     return _HEADER.pack(len(payload)) + payload
 
 
-def _values(msg: Any) -> tuple:
-    return tuple(getattr(msg, f.name) for f in fields(msg))
-
-
-def decode(payload: bytes) -> Any:
+def decode(payload: bytes) -> Message:
+    """The message in ``payload``; ``ProtocolError`` naming the message and field when a
+    value has the wrong type, a field is missing or extra, or the bytes are not msgpack."""
     try:
-        unpacked = msgpack.unpackb(payload, strict_map_key=False)
-        if not isinstance(unpacked, list) or not unpacked:
-            raise ValueError(f"expected a non-empty array, got {type(unpacked).__name__}")
-        tag, *values = unpacked
-        cls = _MESSAGES[tag]
-        return cls(*values)
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as error:
-        raise ProtocolError(f"undecodable message: {error!r}") from None
+        return _DECODER.decode(payload)
+    except msgspec.ValidationError as error:
+        raise ProtocolError(f"undecodable message: {_locate(payload, str(error))}") from None
+    except msgspec.DecodeError as error:
+        raise ProtocolError(f"undecodable message: {error}") from None
+
+
+def _locate(payload: bytes, reason: str) -> str:
+    """``reason`` with the message type and the field its ``$[i]`` path points at."""
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return reason
+    if type(raw) is not list or not raw or type(raw[0]) is not int or raw[0] not in MESSAGES:
+        return reason
+    cls = MESSAGES[raw[0]]
+    match = _INDEX.match(reason.rpartition(" - at `")[2])
+    names = cls.__struct_fields__
+    if match and 1 <= int(match.group(1)) <= len(names):
+        return f"{cls.__name__}.{names[int(match.group(1)) - 1]}: {reason}"
+    return f"{cls.__name__}: {reason}"
 
 
 async def read_message(reader: asyncio.StreamReader,
-                       max_frame_bytes: int = MAX_FRAME_BYTES) -> Any:
+                       max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
     """The next message; ``asyncio.IncompleteReadError`` when the peer closed."""
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     if size > max_frame_bytes:
@@ -298,19 +322,15 @@ def _refusal(hello: Any, fingerprint: Fingerprint, secret: str) -> str:
         return f"protocol version {hello.version}, this worker speaks {PROTOCOL_VERSION}"
     if not hmac.compare_digest(hello.secret.encode(), secret.encode()):
         return "wrong cluster secret"
-    try:
-        theirs = Fingerprint(**hello.fingerprint)
-    except TypeError as error:
-        return f"malformed fingerprint: {error}"
-    differs = fingerprint.mismatch(theirs)
+    differs = fingerprint.mismatch(hello.fingerprint)
     return f"fingerprint mismatch (this worker vs peer): {differs}" if differs else ""
 
 
-async def connect(host: str, port: int, role: str, fingerprint: Fingerprint, secret: str,
+async def connect(host: str, port: int, role: PeerRole, fingerprint: Fingerprint, secret: str,
                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, HelloReply]:
     """Client side: open a connection and shake hands; ProtocolError if refused."""
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(encode(Hello(PROTOCOL_VERSION, role, _as_dict(fingerprint), secret)))
+    writer.write(encode(Hello(PROTOCOL_VERSION, role, fingerprint, secret)))
     await writer.drain()
     reply = await read_message(reader)
     if not isinstance(reply, HelloReply) or not reply.ok:
@@ -318,8 +338,3 @@ async def connect(host: str, port: int, role: str, fingerprint: Fingerprint, sec
         reason = reply.reason if isinstance(reply, HelloReply) else type(reply).__name__
         raise ProtocolError(f"{host}:{port} refused the connection: {reason}")
     return reader, writer, reply
-
-
-def _as_dict(fingerprint: Fingerprint) -> dict:
-    return {f.name: getattr(fingerprint, f.name) for f in fields(fingerprint)}
-

@@ -17,11 +17,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pdserve import protocol
-from pdserve.protocol import Fingerprint, ProtocolError
+from pdserve.protocol import Fingerprint, Message, PeerRole, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-OnMessage = Callable[["Connection", Any], None]
+OnMessage = Callable[["Connection", Message], None]
 OnClose = Callable[["Connection"], None]
 
 _connection_ids = itertools.count()
@@ -79,7 +79,7 @@ class Connection:
         self._writer = writer
         self.is_closed = False
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: Message) -> None:
         frame = protocol.encode(msg)
         if threading.get_ident() == self._loop_thread:
             self._write(frame)  # on the loop already (the router): write now, not next turn
@@ -133,19 +133,36 @@ async def serve(host: str, port: int, fingerprint: Fingerprint, secret: str, wor
             logger.warning("refused a request-plane peer: %s", error)
             writer.close()
             return
-        connection = Connection(loop, writer, hello.role)
+        connection = Connection(loop, writer, hello.role.value)
         await _pump(connection, reader, on_message, on_close)
 
     return await asyncio.start_server(handle, host, port)
 
 
-async def open_connection(host: str, port: int, role: str, fingerprint: Fingerprint,
+async def open_connection(host: str, port: int, role: PeerRole, fingerprint: Fingerprint,
                           secret: str, on_message: OnMessage, on_close: OnClose) -> Connection:
     """Connect and shake hands; the reader runs as a task feeding ``on_message``."""
     reader, writer, reply = await protocol.connect(host, port, role, fingerprint, secret)
     connection = Connection(asyncio.get_running_loop(), writer, reply.worker_id)
     asyncio.get_running_loop().create_task(_pump(connection, reader, on_message, on_close))
     return connection
+
+
+class Dialer:
+    """Opens request-plane connections from a worker whose messages, like those of its
+    server's connections, go to the worker loop's callbacks (on the network thread)."""
+
+    def __init__(self, net: EventLoopThread, role: PeerRole, fingerprint: Fingerprint,
+                 secret: str, on_message: OnMessage, on_close: OnClose):
+        self.net, self.role = net, role
+        self.fingerprint, self.secret = fingerprint, secret
+        self.on_message, self.on_close = on_message, on_close
+
+    def connect(self, host: str, port: int, timeout_s: float = 30.0) -> Connection:
+        """Connect and shake hands (blocking, from a thread other than the network's)."""
+        return self.net.run(open_connection(host, port, self.role, self.fingerprint,
+                                            self.secret, self.on_message, self.on_close),
+                            timeout_s=timeout_s)
 
 
 def resident_bytes() -> int:

@@ -8,12 +8,13 @@ forward pass, after each layer, every rank posts that layer's KV of the jobs in 
 from __future__ import annotations
 
 import logging
-import threading
 
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
 from kvtransfer.endpoint import Destination, Endpoint
 from kvtransfer.producer import KVProducer
+from pdserve.probe import Probe
+from pdserve.worker_stats import PrefillRankCounts
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,11 @@ Send = tuple[str, int, int]
 
 
 class PrefillRank:
+    """One prefill rank: the model runner over its KV pool, and the KV producer."""
+
     def __init__(self, options: RunnerOptions, tp: TensorParallel, agent_name: str,
-                 kv_transfer_dtype: str, send_buffer_blocks: int):
+                 kv_transfer_dtype: str, send_buffer_blocks: int, probe: Probe | None = None):
+        self.probe = probe or Probe()
         self.runner = ModelRunner(options, tp)
         self.num_layers = options.model.num_layers
         self.producer = KVProducer(self.runner.kv_cache, agent_name=agent_name,
@@ -31,10 +35,6 @@ class PrefillRank:
                                    num_kv_heads=options.model.num_kv_heads,
                                    kv_transfer_dtype=kv_transfer_dtype,
                                    send_buffer_blocks=send_buffer_blocks)
-        # Test hook: stop inside the forward pass of a chosen job at a chosen layer.
-        self.hold: tuple[str, int] | None = None
-        self.is_holding = threading.Event()
-        self.release_hold = threading.Event()
 
     def execute(self, batch: ModelInput, sends: list[Send]) -> None:
         def after_layer(layer: int) -> None:
@@ -42,9 +42,7 @@ class PrefillRank:
                 self.producer.send_layer(request_id, layer, first_block, num_blocks)
                 logger.debug("request %s: layer %d posted, blocks %d..%d", request_id, layer,
                              first_block, first_block + num_blocks - 1)
-                if self.hold == (request_id, layer):
-                    self.is_holding.set()
-                    self.release_hold.wait()
+                self.probe.after_layer(request_id, layer)
 
         self.runner.execute(batch, after_layer)
 
@@ -82,9 +80,9 @@ class PrefillRank:
         for name in agent_names:
             self.producer.remove_peer(name)
 
-    def counts(self) -> dict:
-        return {"num_free_send_blocks": self.producer.num_free_send_blocks,
-                "num_live_handles": self.producer.agent.num_live_handles}
+    def counts(self) -> PrefillRankCounts:
+        return PrefillRankCounts(self.producer.num_free_send_blocks,
+                                 self.producer.agent.num_live_handles)
 
     def close(self) -> None:
         self.producer.close()

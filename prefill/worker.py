@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.model_runner import ModelInput, SequenceInput
 from engine.rank_group import RankGroup
 from pdserve import protocol
-from pdserve.protocol import Fingerprint, PrefillJob
+from pdserve.protocol import PrefillJob
 from pdserve.transport import Connection, resident_bytes
-from cluster.worker_loop import WorkerLoop
-from prefill.rank import Send
+from pdserve.worker_commands import AddDecode, GetStats, LoseDecode
+from pdserve.worker_stats import PrefillStats
+from prefill.rank import PrefillRank, Send
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ _SEND_WAIT_S = 0.0005
 
 @dataclass(frozen=True, slots=True)
 class PrefillOptions:
+    """What a prefill worker needs of the cluster config (plain values)."""
+
     worker_id: str
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -43,6 +46,9 @@ class PrefillOptions:
 
 @dataclass(slots=True)
 class Job:
+    """One prefill job: its message, where it came from, and how far its compute and sends
+    have come."""
+
     msg: PrefillJob
     connection: Connection
     num_tokens: int  # tokens to compute KV for: the prompt but its last token
@@ -60,19 +66,19 @@ class Job:
         return self.msg.request_id
 
 
-class PrefillWorker(WorkerLoop):
-    def __init__(self, group: RankGroup, block_manager: BlockManager, options: PrefillOptions,
-                 fingerprint: Fingerprint, secret: str, host: str):
+class PrefillWorker:
+    """Rank 0's prefill role, run by the cluster's worker loop (every method on its thread)."""
+
+    def __init__(self, group: RankGroup, block_manager: BlockManager, options: PrefillOptions):
         self.group = group
         self.block_manager = block_manager
         self.options = options
-        self.endpoints: list[dict] = group.gather("endpoint")
+        self.endpoints: list[dict] = group.gather(PrefillRank.endpoint)
         self.queue: deque[Job] = deque()
         self.active: dict[str, Job] = {}  # begun, on every rank
         self.connections: dict[int, Connection] = {}
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
                       "bytes_sent": 0, "prompt_tokens_computed": 0}
-        self._start_loop(options.worker_id, fingerprint, secret, host)
 
     @property
     def queue_depth(self) -> int:
@@ -80,24 +86,24 @@ class PrefillWorker(WorkerLoop):
 
     # -- the compute thread ---------------------------------------------------------------
 
-    def _iterate(self) -> None:
+    def iterate(self) -> None:
         self._admit()
         self._compute()
         self._collect()
 
-    def _wait_s(self) -> float:
+    def wait_s(self) -> float:
         if self.queue or any(not j.is_closed for j in self.active.values()):
             return 0.0
         return _SEND_WAIT_S if self.active else _IDLE_WAIT_S
 
-    def _on_request_plane(self, connection: Connection, msg: Any) -> None:
+    def on_message(self, connection: Connection, msg: protocol.Message) -> None:
         self.connections[connection.connection_id] = connection
         if isinstance(msg, PrefillJob):
             self._enqueue(connection, msg)
         elif isinstance(msg, protocol.CancelJob):
             self._cancel(connection, msg)
 
-    def _connection_closed(self, connection: Connection) -> None:
+    def on_close(self, connection: Connection) -> None:
         self.connections.pop(connection.connection_id, None)
 
     def _enqueue(self, connection: Connection, msg: PrefillJob) -> None:
@@ -151,10 +157,11 @@ class PrefillWorker(WorkerLoop):
             if table is None:
                 return  # blocks come back as sends end
             src_blocks = table[job.first_block:]
-            began = self.group.gather("begin", job.request_id, job.msg.attempt, job.msg.agents,
-                                      job.msg.block_ids, src_blocks, job.msg.timeout_s)
+            began = self.group.gather(PrefillRank.begin, job.request_id, job.msg.attempt,
+                                      job.msg.agents, job.msg.block_ids, src_blocks,
+                                      job.msg.timeout_s)
             if not all(began):  # a rank's send buffer is short: undo on every rank
-                self.group.call("withdraw", job.request_id)
+                self.group.call(PrefillRank.withdraw, job.request_id)
                 self.block_manager.free(job.request_id)
                 return
             self.queue.popleft()
@@ -172,7 +179,7 @@ class PrefillWorker(WorkerLoop):
             if job.is_closed:
                 continue
             if job.is_cancelled:
-                self._close(job, "cancel")
+                self._close(job, PrefillRank.cancel)
                 continue
             count = min(job.num_tokens - job.num_computed, budget)
             end = job.num_computed + count
@@ -189,15 +196,15 @@ class PrefillWorker(WorkerLoop):
             if end == job.num_tokens:
                 done.append(job)
         if sequences:
-            self.group.call("execute", ModelInput(sequences), sends)
+            self.group.call(PrefillRank.execute, ModelInput(sequences), sends)
             self.stats["prompt_tokens_computed"] += sum(len(s.token_ids) for s in sequences)
         elif sends:  # every block came from the prefix cache
             for request_id, _, _ in sends:
-                self.group.call("send_all", request_id)
+                self.group.call(PrefillRank.send_all, request_id)
         for job in done:
             self.block_manager.cache_full_blocks(job.request_id, job.msg.token_ids,
                                                  job.num_tokens)
-            self._close(job, "finish")
+            self._close(job, PrefillRank.finish)
 
     def _ready_blocks(self, job: Job, end: int) -> Send | None:
         """The blocks whose KV is complete once ``end`` tokens are computed, not yet sent."""
@@ -211,17 +218,17 @@ class PrefillWorker(WorkerLoop):
         job.next_block = ready
         return (job.request_id, start - job.first_block, ready - start)
 
-    def _close(self, job: Job, how: str) -> None:
+    def _close(self, job: Job, how: Callable[[PrefillRank, str], None]) -> None:
         self.group.call(how, job.request_id)
         job.is_closed = True
-        logger.debug("request %s: %s sent to every rank", job.request_id, how)
+        logger.debug("request %s: %s sent to every rank", job.request_id, how.__name__)
 
     def _collect(self) -> None:
         """Each rank's ended sends; a job's blocks are freed once every rank's has ended."""
         if not self.active:
             return
         has_compute = any(not j.is_closed for j in self.active.values())
-        for results in self.group.gather("poll", 0.0 if has_compute else _SEND_WAIT_S):
+        for results in self.group.gather(PrefillRank.poll, 0.0 if has_compute else _SEND_WAIT_S):
             for request_id, _attempt, ok, reason, num_bytes in results:
                 job = self.active.get(request_id)
                 if job is None:
@@ -250,19 +257,30 @@ class PrefillWorker(WorkerLoop):
 
     # -- control --------------------------------------------------------------------------
 
-    def _control_add_decode(self, endpoints: list[dict]) -> None:
-        self.group.call("add_peers", endpoints)
+    def control(self, command: AddDecode | LoseDecode | GetStats) -> PrefillStats | None:
+        if isinstance(command, AddDecode):
+            self.group.call(PrefillRank.add_peers, command.endpoints)
+        elif isinstance(command, LoseDecode):
+            self._lose_decode(command.agent_names)
+        elif isinstance(command, GetStats):
+            return self._stats()
+        else:
+            raise ValueError(f"a prefill worker does not take {type(command).__name__}")
+        return None
 
-    def _control_lose_decode(self, agent_names: list[str]) -> None:
+    def close(self) -> None:
+        self.group.stop()
+        self.group.worker.close()
+
+    def _lose_decode(self, agent_names: list[str]) -> None:
         lost = set(agent_names)
         for job in [j for j in self.queue if lost & set(j.msg.agents)]:
             self.queue.remove(job)
-        self.group.call("remove_peers", agent_names)
+        self.group.call(PrefillRank.remove_peers, agent_names)
 
-    def _control_stats(self) -> dict:
-        return {**self.stats, "worker_id": self.options.worker_id,
-                "queue_depth": self.queue_depth, "num_active": len(self.active),
-                "num_free_blocks": self.block_manager.num_free_blocks,
-                "num_blocks": self.block_manager.num_blocks,
-                "num_connections": len(self.connections), "rss_bytes": resident_bytes(),
-                "ranks": self.group.gather("counts")}
+    def _stats(self) -> PrefillStats:
+        return PrefillStats(
+            **self.stats, worker_id=self.options.worker_id, queue_depth=self.queue_depth,
+            num_active=len(self.active), num_free_blocks=self.block_manager.num_free_blocks,
+            num_blocks=self.block_manager.num_blocks, num_connections=len(self.connections),
+            rss_bytes=resident_bytes(), ranks=self.group.gather(PrefillRank.counts))

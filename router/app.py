@@ -17,7 +17,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.openai_api import (
@@ -54,8 +55,7 @@ def build_app(router: Router, api_key: str | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = await router.metrics.render()
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -121,11 +121,11 @@ async def _generate(router: Router, http: Request,
         generation = await router.open(request, request_id, arrived_s,
                                        client_gone=lambda: _disconnected(http))
     except ClientGone:
-        router.metrics.requests.inc(labels=("cancelled",))
+        router.metrics.requests.labels("cancelled").inc()
         return Response(status_code=499, headers=headers)
     except APIError as error:
         status = "rejected" if error.status in (429, 503) else "invalid"
-        router.metrics.requests.inc(labels=(status,))
+        router.metrics.requests.labels(status).inc()
         return _error_response(router, error, headers)
     headers["X-Pdserve-Worker"] = generation.handle.worker_id
     if request.stream:

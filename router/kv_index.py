@@ -33,9 +33,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pdserve.hashing import hash_blocks
-from pdserve.protocol import KVEvents, KVSnapshot, Load, ProtocolError
-
-_EVENT_KINDS = ("stored", "removed")
+from pdserve.protocol import KVEventKind, KVEvents, KVSnapshot, Load
 
 
 class WorkerScore(NamedTuple):
@@ -134,15 +132,11 @@ class KVIndex:
         if msg.seq_start > worker.next_seq:
             worker.is_synced = False
             return False
-        for kind, _ in msg.events:
-            if kind not in _EVENT_KINDS:
-                raise ProtocolError(f"KV event kind {kind!r} from worker {msg.worker_id!r} "
-                                    f"is unknown; expected one of {_EVENT_KINDS}")
-        for kind, block_hash in msg.events[worker.next_seq - msg.seq_start:]:
-            if kind == "stored":
-                self._store(worker, block_hash)
+        for event in msg.events[worker.next_seq - msg.seq_start:]:  # kinds typed on decode
+            if event.kind is KVEventKind.STORED:
+                self._store(worker, event.block_hash)
             else:
-                worker.hashes.pop(block_hash, None)
+                worker.hashes.pop(event.block_hash, None)
         worker.next_seq = max(worker.next_seq, msg.seq_start + len(msg.events))
         return True
 

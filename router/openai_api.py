@@ -7,15 +7,18 @@ neutral value of one (``n: 1``, ``logprobs: null``, a zero penalty) is accepted.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.sampling import SamplingError, SamplingParams
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # text that could still become a stop string is held back
-MAX_INT32 = 2**31 - 1
-MAX_SEED = 2**63 - 1
+# The body's parameters that are SamplingParams fields of the same name, checked there (the one
+# validator); max_tokens is resolved against the context after tokenizing.
+_SAMPLING_FIELDS = tuple(name for name in SamplingParams.__struct_fields__
+                         if name not in ("max_tokens", "output_logits"))
 
 # parameter -> the values that mean "off", which are accepted
 _UNSUPPORTED: dict[str, tuple] = {
@@ -77,22 +80,15 @@ class GenerateRequest:
     prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None
     max_tokens: int | None = None  # None: up to the model's context length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=None))
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
     priority: int = 0
 
-    def sampling(self, max_tokens: int) -> dict:
-        """The worker's ``SamplingParams`` fields."""
-        return {"max_tokens": max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos}
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return self.sampling.stop_token_ids
 
 
 def parse_completion(body: Any) -> GenerateRequest:
@@ -161,24 +157,8 @@ def _model(body: dict) -> str:
 def _common(body: dict, request: GenerateRequest) -> None:
     if body.get("max_tokens") is not None:
         request.max_tokens = _int(body, "max_tokens", 1)
-    if body.get("temperature") is not None:
-        request.temperature = _number(body, "temperature", 0.0, 2.0)
-    if body.get("top_p") is not None:
-        request.top_p = _number(body, "top_p", 0.0, 1.0)
-        if request.top_p == 0:
-            raise bad_request("top_p=0 is invalid: must be in (0, 1]", "top_p")
-    if body.get("top_k") is not None:
-        request.top_k = _int(body, "top_k", -1, MAX_INT32)
-    if body.get("seed") is not None:
-        request.seed = _int(body, "seed", 0, MAX_SEED)
+    request.sampling = _sampling(body)
     request.stop = _stop(body.get("stop"))
-    if body.get("stop_token_ids") is not None:
-        ids = body["stop_token_ids"]
-        if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t <= MAX_INT32
-                                                for t in ids):
-            raise bad_request("stop_token_ids must be a list of token ids", "stop_token_ids")
-        request.stop_token_ids = list(ids)
-    request.ignore_eos = _bool(body, "ignore_eos")
     request.stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None:
@@ -193,6 +173,20 @@ def _common(body: dict, request: GenerateRequest) -> None:
         request.priority = _int(body, "priority", -(2**31), 2**31 - 1)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad_request("user must be a string", "user")
+
+
+def _sampling(body: dict) -> SamplingParams:
+    """The body's sampling parameters, checked by ``SamplingParams`` (a 400 names the field)."""
+    values = {name: body[name] for name in _SAMPLING_FIELDS if body.get(name) is not None}
+    for name, value in values.items():  # JSON has one number type: 5.0 is a valid top_k
+        if isinstance(value, float) and value.is_integer() and name in ("top_k", "seed"):
+            values[name] = int(value)
+    if isinstance(values.get("stop_token_ids"), list):
+        values["stop_token_ids"] = tuple(values["stop_token_ids"])
+    try:
+        return SamplingParams(max_tokens=None, **values)
+    except SamplingError as error:
+        raise bad_request(str(error), error.field) from None
 
 
 def _messages(messages: Any) -> list[dict]:
@@ -263,17 +257,6 @@ def _int(body: dict, name: str, minimum: int, maximum: int | None = None) -> int
         limit = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise bad_request(f"{name}={value} is out of range: must be {limit}", name)
     return value
-
-
-def _number(body: dict, name: str, minimum: float, maximum: float) -> float:
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value):
-        raise bad_request(f"{name} must be a number, got {value!r}", name)
-    if not minimum <= value <= maximum:
-        raise bad_request(f"{name}={value} is out of range: must be in [{minimum}, {maximum}]",
-                          name)
-    return float(value)
 
 
 def _bool(body: dict, name: str, param: str | None = None) -> bool:

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
-from router.metrics import (
-    CallbackCounter,
-    CallbackGauge,
-    Counter,
-    Histogram,
-    Registry,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from router.service import Router
+from pdserve.worker_stats import Role, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,56 +27,101 @@ _OVERHEAD_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025,
 _STATS_TIMEOUT_S = 5.0
 
 
+class ScrapeTimeCollector(Collector):
+    """The metrics computed when scraped: the workers' counters, summed over every worker
+    incarnation seen, and the router's queue and free-block gauges."""
+
+    def __init__(self, queue_depth: Callable[[], int], num_running: Callable[[], int],
+                 free_blocks: Callable[[], dict[str, int]]):
+        self.queue_depth = queue_depth
+        self.num_running = num_running
+        self.free_blocks = free_blocks
+        # worker id -> its latest stats, for every worker ever seen: a replaced worker's
+        # last counts stay in the totals
+        self.last_stats: dict[str, WorkerStats] = {}
+
+    def update(self, stats: list[WorkerStats]) -> None:
+        for worker_stats in stats:
+            self.last_stats[worker_stats.worker_id] = worker_stats
+
+    def collect(self) -> Iterator[Metric]:
+        decodes = self._of_role(Role.DECODE)
+        prefills = self._of_role(Role.PREFILL)
+        prefill_total = CounterMetricFamily(
+            "pdserve_prefill_total", "Prompts prefilled, by where: local (decode worker), "
+            "remote (prefill worker), fallback (remote failed, then local).", labels=("where",))
+        prefill_total.add_metric(["local"], sum(s.prefills.local for s in decodes))
+        prefill_total.add_metric(["remote"], sum(s.prefills.remote for s in decodes))
+        prefill_total.add_metric(["fallback"], sum(s.prefills.fallback for s in decodes))
+        yield prefill_total
+        computed = CounterMetricFamily(
+            "pdserve_prompt_tokens_computed_total",
+            "Prompt tokens run through the model, by role.", labels=("role",))
+        for role, stats in ((Role.DECODE, decodes), (Role.PREFILL, prefills)):
+            computed.add_metric([role.value], sum(s.prompt_tokens_computed for s in stats))
+        yield computed
+        yield CounterMetricFamily(
+            "pdserve_kv_transfer_bytes_total",
+            "Bytes of KV cache prefill workers wrote into decode workers.",
+            value=sum(s.bytes_sent for s in prefills))
+        yield GaugeMetricFamily("pdserve_queue_depth",
+                                "Requests waiting in the router's admission queue.",
+                                value=self.queue_depth())
+        yield GaugeMetricFamily("pdserve_requests_running",
+                                "Requests admitted and in flight to the workers.",
+                                value=self.num_running())
+        free = GaugeMetricFamily(
+            "pdserve_kv_blocks_free",
+            "Free KV blocks of each decode worker (its last load report).", labels=("worker",))
+        for worker_id, num_free_blocks in sorted(self.free_blocks().items()):
+            free.add_metric([worker_id], num_free_blocks)
+        yield free
+
+    def _of_role(self, role: Role) -> list:  # of DecodeStats or of PrefillStats, by role
+        return [stats for stats in self.last_stats.values() if stats.role is role]
+
+
 class RouterMetrics:
-    def __init__(self, router: Router, worker_stats: Callable[[], dict] | None):
-        self.router = router
+    """The metrics one router's ``/metrics`` serves, in a registry of its own (several
+    routers may live in one process). The router updates ``ttft``, ``itl``, ``e2e``,
+    ``overhead``, ``requests`` and ``cached_tokens``; the rest is read when scraped."""
+
+    def __init__(self, worker_stats: Callable[[], list[WorkerStats]] | None,
+                 queue_depth: Callable[[], int], num_running: Callable[[], int],
+                 free_blocks: Callable[[], dict[str, int]]):
         self.worker_stats = worker_stats
-        self.last_stats: dict[str, dict] = {}  # worker id -> its latest stats, every one seen
-        registry = self.registry = Registry()
-        self.ttft = registry.register(Histogram(
+        registry = self.registry = CollectorRegistry()
+        self.ttft = Histogram(
             "pdserve_time_to_first_token_seconds",
             "From the HTTP request in to its first token out of the router.",
-            _LATENCY_BUCKETS_S))
-        self.itl = registry.register(Histogram(
+            buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.itl = Histogram(
             "pdserve_inter_token_latency_seconds",
             "Gap between successive token chunks of a request, at the router.",
-            _LATENCY_BUCKETS_S))
-        self.e2e = registry.register(Histogram(
+            buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.e2e = Histogram(
             "pdserve_e2e_request_latency_seconds",
-            "From the HTTP request in to its last token out of the router.", _LATENCY_BUCKETS_S))
-        self.overhead = registry.register(Histogram(
+            "From the HTTP request in to its last token out of the router.",
+            buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.overhead = Histogram(
             "pdserve_router_overhead_seconds",
             "Time a request spends in the router: 'in' from the HTTP request to its Generate "
             "on the request plane, 'out' from a token chunk's arrival to its SSE event "
-            "written (streamed requests).", _OVERHEAD_BUCKETS_S, ("direction",)))
-        self.requests = registry.register(Counter(
+            "written (streamed requests).", ("direction",), buckets=_OVERHEAD_BUCKETS_S,
+            registry=registry)
+        self.requests = Counter(
             "pdserve_requests_total",
             "Requests by how they ended: success, error, cancelled (the client left), "
-            "rejected (429), invalid (4xx).", ("status",)))
-        self.cached_tokens = registry.register(Counter(
+            "rejected (429), invalid (4xx).", ("status",), registry=registry)
+        self.cached_tokens = Counter(
             "pdserve_prefix_cache_hit_tokens_total",
-            "Prompt tokens of finished requests found in a decode worker's prefix cache."))
-        registry.register(CallbackCounter(
-            "pdserve_prefill_total", "Prompts prefilled, by where: local (decode worker), "
-            "remote (prefill worker), fallback (remote failed, then local).",
-            self._prefills, ("where",)))
-        registry.register(CallbackCounter(
-            "pdserve_prompt_tokens_computed_total",
-            "Prompt tokens run through the model, by role.", self._computed, ("role",)))
-        registry.register(CallbackCounter(
-            "pdserve_kv_transfer_bytes_total",
-            "Bytes of KV cache prefill workers wrote into decode workers.", self._kv_bytes))
-        registry.register(CallbackGauge(
-            "pdserve_queue_depth", "Requests waiting in the router's admission queue.",
-            lambda: {(): float(router.admission.num_waiting)}))
-        registry.register(CallbackGauge(
-            "pdserve_requests_running", "Requests admitted and in flight to the workers.",
-            lambda: {(): float(router.admission.num_running)}))
-        registry.register(CallbackGauge(
-            "pdserve_kv_blocks_free", "Free KV blocks of each decode worker (its last load "
-            "report).", self._free_blocks, ("worker",)))
+            "Prompt tokens of finished requests found in a decode worker's prefix cache.",
+            registry=registry)
+        self.scrape_time = ScrapeTimeCollector(queue_depth, num_running, free_blocks)
+        registry.register(self.scrape_time)
 
-    async def render(self) -> str:
+    async def render(self) -> bytes:
+        """The exposition text; on a failed stats fetch, the workers' last values."""
         if self.worker_stats is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -91,28 +130,5 @@ class RouterMetrics:
             except Exception as error:  # a scrape shows the last values rather than fail
                 logger.warning("metrics: worker stats unavailable (%s)", error)
             else:
-                self.last_stats.update(stats)
-        return self.registry.render()
-
-    def _role_stats(self, role: str) -> list[dict]:
-        return [s for worker_id, s in self.last_stats.items() if worker_id.startswith(role)]
-
-    def _prefills(self) -> dict:
-        totals = {("local",): 0.0, ("remote",): 0.0, ("fallback",): 0.0}
-        for stats in self._role_stats("decode"):
-            for where, count in stats.get("prefills", {}).items():
-                totals[(where,)] = totals.get((where,), 0.0) + count
-        return totals
-
-    def _computed(self) -> dict:
-        return {(role,): float(sum(s.get("prompt_tokens_computed", 0)
-                                   for s in self._role_stats(role)))
-                for role in ("decode", "prefill")}
-
-    def _kv_bytes(self) -> dict:
-        return {(): float(sum(s.get("bytes_sent", 0) for s in self._role_stats("prefill")))}
-
-    def _free_blocks(self) -> dict:
-        index = self.router.index
-        return {(worker_id,): float(load.num_free_blocks) for worker_id in index.worker_ids
-                if (load := index.load(worker_id)) is not None}
+                self.scrape_time.update(stats)
+        return generate_latest(self.registry)

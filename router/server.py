@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 import uvloop
 
+from pdserve.cluster_handle import ClusterHandle, WorkerAddress
 from pdserve.config import RouterConfig
 from pdserve.protocol import ProtocolError
 from router.app import build_app
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first exit signal drains instead of stopping."""
+
     def __init__(self, config: uvicorn.Config, router: Router, drain_timeout_s: float):
         super().__init__(config)
         self.router, self.drain_timeout_s = router, drain_timeout_s
@@ -56,30 +59,29 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-async def run_router(cluster, config: RouterConfig, api_key: str | None,
+async def run_router(cluster: ClusterHandle, config: RouterConfig, api_key: str | None,
                      on_started: Callable[[DrainingServer], None] | None = None,
                      sockets: list[socket.socket] | None = None) -> None:
     """Serve until drained; the cluster is the caller's to shut down."""
-    router = Router(cluster.config.model_dir, config, cluster.fingerprint, cluster.secret,
-                    block_size=cluster.config.block_size, max_model_len=cluster.max_model_len,
+    router = Router(cluster.model, config, cluster.fingerprint, cluster.secret,
                     max_running=config.max_running or cluster.max_running,
-                    worker_stats=cluster.stats)
+                    worker_stats=cluster.worker_stats)
     loop = asyncio.get_running_loop()
 
-    def added(worker_id: str, address: tuple[str, int]) -> None:  # the supervisor's thread
+    def added(worker: WorkerAddress) -> None:  # the supervisor's thread
         loop.call_soon_threadsafe(
-            lambda: asyncio.ensure_future(router.links.add_with_retry(worker_id, address)))
+            lambda: asyncio.ensure_future(router.links.add_with_retry(worker)))
 
     def removed(worker_id: str) -> None:
         loop.call_soon_threadsafe(router.links.remove, worker_id)
 
     cluster.watch_decodes(added, removed)  # first: a restart from now on is not missed
-    for worker_id, address in cluster.decode_addresses():
+    for worker in cluster.decode_addresses():
         try:
-            await router.links.add(worker_id, address)
+            await router.links.add(worker)
         except (OSError, asyncio.TimeoutError, ProtocolError) as error:
             logger.warning("router: %s is not reachable (%s); serving without it until it "
-                           "is replaced", worker_id, error)
+                           "is replaced", worker.worker_id, error)
     server = DrainingServer(uvicorn.Config(
         build_app(router, api_key), host=config.host, port=config.port, http="httptools",
         lifespan="off", log_level="warning", access_log=False,
@@ -93,7 +95,7 @@ async def run_router(cluster, config: RouterConfig, api_key: str | None,
         router.close()
 
 
-def serve_forever(cluster, config: RouterConfig, api_key: str | None,
+def serve_forever(cluster: ClusterHandle, config: RouterConfig, api_key: str | None,
                   on_started: Callable[[DrainingServer], None] | None = None) -> None:
     """Block serving HTTP on a uvloop event loop in this thread."""
     if threading.current_thread() is not threading.main_thread():
@@ -107,8 +109,9 @@ class RouterThread:
     before the router starts, so a client may connect at once: its connection waits in the
     backlog until the server accepts it. Signals stay with the caller: ``close`` drains."""
 
-    def __init__(self, cluster, api_key: str | None = None, **router_options):
-        config = dataclasses.replace(cluster.config.router, **router_options)
+    def __init__(self, cluster: ClusterHandle, api_key: str | None = None,
+                 config: RouterConfig | None = None, **router_options):
+        config = dataclasses.replace(config or RouterConfig(), **router_options)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self._socket.listen(128)

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import jinja2
 
-from pdserve.checkpoint_files import read_json
+from pdserve.cluster_handle import ModelInfo
 from pdserve.config import RouterConfig
 from pdserve.hashing import hash_blocks
-from pdserve.protocol import Fingerprint
+from pdserve.protocol import Fingerprint, FinishReason
 from pdserve.tokenizer import Tokenizer
+from pdserve.worker_stats import WorkerStats
 from router.admission import Admission, QueueFull
 from router.detokenizer import TextStream
 from router.kv_index import KVIndex
 from router.openai_api import APIError, GenerateRequest, bad_request
 from router.router_metrics import RouterMetrics
-from router.workers import WORKER_LOST, DecodeLinks, NoWorker, RequestHandle
+from router.workers import DecodeLinks, NoWorker, RequestHandle
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """How a generation ended, with the counts its usage reports."""
+
     finish_reason: str  # "stop" or "length"
     num_prompt_tokens: int
     num_output_tokens: int
@@ -53,18 +56,22 @@ class Outcome:
 
 
 class Router:
-    def __init__(self, model_dir: str, config: RouterConfig, fingerprint: Fingerprint,
-                 secret: str, *, block_size: int, max_model_len: int, max_running: int,
-                 worker_stats: Callable[[], dict] | None = None):
+    """The router's state: tokenizer, KV index, links to the decode workers, admission and
+    metrics. It runs on one event loop; ``open`` starts a request."""
+
+    def __init__(self, model: ModelInfo, config: RouterConfig, fingerprint: Fingerprint,
+                 secret: str, *, max_running: int,
+                 worker_stats: Callable[[], list[WorkerStats]] | None = None):
         self.config = config
-        self.model_name = config.served_model_name or Path(model_dir).name
-        self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.vocab_size = read_json(Path(model_dir) / "config.json")["vocab_size"]
-        self.block_size, self.max_model_len = block_size, max_model_len
-        self.index = KVIndex(block_size, config.kv_weight, MAX_INDEX_BLOCKS_PER_WORKER)
+        self.model_name = config.served_model_name or Path(model.model_dir).name
+        self.tokenizer = Tokenizer.from_dir(model.model_dir)
+        self.vocab_size = model.vocab_size
+        self.block_size, self.max_model_len = model.block_size, model.max_model_len
+        self.index = KVIndex(model.block_size, config.kv_weight, MAX_INDEX_BLOCKS_PER_WORKER)
         self.links = DecodeLinks(fingerprint, secret, self.index)
         self.admission = Admission(max_running, config.max_queue)
-        self.metrics = RouterMetrics(self, worker_stats)
+        self.metrics = RouterMetrics(worker_stats, lambda: self.admission.num_waiting,
+                                     lambda: self.admission.num_running, self._free_blocks)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, "pdserve-tokenizer")
         self.is_draining = False
         self.num_in_flight = 0
@@ -84,6 +91,11 @@ class Router:
     def close(self) -> None:
         self.links.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _free_blocks(self) -> dict[str, int]:
+        """Each decode worker's free KV blocks, as of its last load report."""
+        return {worker_id: load.num_free_blocks for worker_id in self.index.worker_ids
+                if (load := self.index.load(worker_id)) is not None}
 
     async def open(self, request: GenerateRequest, request_id: str, arrived_s: float,
                    client_gone: Callable[[], Awaitable[None]] | None = None) -> Generation:
@@ -117,7 +129,8 @@ class Router:
             await self._wait_for_slot(request.priority, client_gone)
         try:
             handle = self.links.submit(request_id, prompt_token_ids,
-                                       request.sampling(max_tokens), request.priority,
+                                       request.sampling.with_max_tokens(max_tokens),
+                                       request.priority,
                                        block_hashes)
         except NoWorker as error:
             self.admission.release()
@@ -151,7 +164,7 @@ class Router:
         try:
             waiter.result()
         except QueueFull as error:
-            self.metrics.requests.inc(labels=("rejected",))
+            self.metrics.requests.labels("rejected").inc()
             raise APIError(429, f"the server is at capacity: {error}; retry later",
                            code="overloaded") from None
 
@@ -240,8 +253,8 @@ class Generation:
                 now = time.perf_counter()
                 if chunk.error:
                     status = "error"
-                    raise self._failure(chunk.error,
-                                        is_worker_lost=chunk.finish_reason == WORKER_LOST)
+                    is_lost = chunk.finish_reason is FinishReason.WORKER_LOST
+                    raise self._failure(chunk.error, is_worker_lost=is_lost)
                 num_cached_tokens = max(num_cached_tokens, chunk.num_cached_tokens)
                 if chunk.token_ids:
                     if last_token_s is None:
@@ -261,11 +274,12 @@ class Generation:
                         break
                 if chunk.finished:
                     router.links.finish(handle)
-                    if chunk.finish_reason not in ("stop", "length"):
+                    if chunk.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
                         status = "error"
-                        raise self._failure(f"the request ended: {chunk.finish_reason}",
+                        reason = chunk.finish_reason and chunk.finish_reason.value
+                        raise self._failure(f"the request ended: {reason}",
                                             is_worker_lost=False)
-                    finish_reason = chunk.finish_reason
+                    finish_reason = chunk.finish_reason.value
                     break
             tail = text.finish()
             if tail:
@@ -286,7 +300,7 @@ class Generation:
             self.close(status)
 
     def _overhead(self, direction: str, seconds: float) -> None:
-        self.router.metrics.overhead.observe(seconds, labels=(direction,))
+        self.router.metrics.overhead.labels(direction).observe(seconds)
         if self.router.overhead_log is not None:
             self.router.overhead_log.append((self.handle.request_id, direction, seconds))
 
@@ -300,7 +314,7 @@ class Generation:
                 self.router.links.cancel(self.handle)
         finally:
             self.router.admission.release()
-            self.router.metrics.requests.inc(labels=(status,))
+            self.router.metrics.requests.labels(status).inc()
             self.router._end()
 
     def _failure(self, message: str, is_worker_lost: bool) -> APIError:

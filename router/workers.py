@@ -1,9 +1,11 @@
-"""The router's links to decode workers, on the router's event loop.
+"""The request-plane client: links to decode workers, on one event loop.
 
-Each link is a request-plane connection that carries ``Generate``/``Cancel`` out and token
-chunks, KV events and load back; the KV events feed the ``KVIndex`` that picks a worker.
-When a link closes, a request that has not produced a token yet is sent to another worker
-(nothing was streamed, so nothing is lost); one that has ends with an error chunk.
+The router runs it on its event loop, and the cluster's synchronous facade
+(``cluster.client``) on a loop thread of its own. Each link is a connection that carries
+``Generate``/``Cancel`` out and token chunks, KV events and load back; the KV events feed the
+``KVIndex`` that picks a worker. When a link closes, a request that has not produced a token
+yet is sent to another worker (nothing was streamed, so nothing is lost); one that has ends
+with an error chunk.
 
 On the wire a request goes by its ``X-Request-Id``, unless that id is still in use here:
 running, or cancelled and not yet confirmed by its worker's last chunk (a client retrying
@@ -17,20 +19,31 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pdserve import protocol
-from pdserve.protocol import Fingerprint, TokenChunk
+from pdserve.cluster_handle import WorkerAddress
+from pdserve.protocol import Fingerprint, FinishReason, PeerRole, TokenChunk
+from pdserve.sampling import SamplingParams
 from pdserve.transport import Connection, open_connection
 from router.kv_index import KVIndex
 
 logger = logging.getLogger(__name__)
 
 _ADD_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
-WORKER_LOST = "worker_lost"  # the finish reason of the chunk that ends a lost worker's request
+
+
+class ChunkSink(Protocol):
+    """Where a request's ``(received_s, TokenChunk)`` pairs go: an ``asyncio.Queue`` on the
+    router's loop, a ``queue.SimpleQueue`` for a caller on another thread."""
+
+    def put_nowait(self, item: tuple[float, TokenChunk]) -> None: ...
 
 
 @dataclass(slots=True)
 class Link:
+    """One decode worker's connection, and whether its KV snapshot has arrived."""
+
     worker_id: str
     connection: Connection
     is_synced: bool = False  # its KV snapshot has arrived: it is ready for requests
@@ -52,7 +65,7 @@ class RequestHandle:
     num_tokens_received: int = 0
     num_shared_tokens: int = 0  # prompt tokens its worker held cached when it was sent
     is_done: bool = False
-    chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
+    chunks: ChunkSink = field(default_factory=asyncio.Queue)
 
 
 class NoWorker(Exception):
@@ -60,8 +73,12 @@ class NoWorker(Exception):
 
 
 class DecodeLinks:
-    def __init__(self, fingerprint: Fingerprint, secret: str, index: KVIndex):
-        self.fingerprint, self.secret = fingerprint, secret
+    """Links to every decode worker, the requests running on them, and the KV index that
+    chooses where the next one goes."""
+
+    def __init__(self, fingerprint: Fingerprint, secret: str, index: KVIndex,
+                 role: PeerRole = PeerRole.ROUTER):
+        self.fingerprint, self.secret, self.role = fingerprint, secret, role
         self.index = index
         self.links: dict[str, Link] = {}
         self.requests: dict[str, RequestHandle] = {}  # by wire id
@@ -77,13 +94,14 @@ class DecodeLinks:
         """The running request the client calls ``request_id`` (tests, debugging)."""
         return next((h for h in self.requests.values() if h.request_id == request_id), None)
 
-    async def add(self, worker_id: str, address: tuple[str, int],
-                  timeout_s: float = 60.0) -> None:
+    async def add(self, worker: WorkerAddress, timeout_s: float = 60.0) -> None:
         """Connect and subscribe; returns once the worker's KV snapshot is in the index."""
+        worker_id = worker.worker_id
         if worker_id in self.links:
             return
-        connection = await open_connection(address[0], address[1], "router", self.fingerprint,
-                                           self.secret, self._on_message, self._on_close)
+        connection = await open_connection(worker.host, worker.port, self.role,
+                                           self.fingerprint, self.secret, self._on_message,
+                                           self._on_close)
         link = Link(worker_id, connection)
         self.index.add_worker(worker_id)
         self.links[worker_id] = link
@@ -93,13 +111,14 @@ class DecodeLinks:
         except BaseException:
             connection.close()
             raise
-        logger.info("router: linked to %s at %s:%d", worker_id, *address)
+        logger.info("router: linked to %s at %s:%d", worker_id, worker.host, worker.port)
 
-    async def add_with_retry(self, worker_id: str, address: tuple[str, int]) -> None:
+    async def add_with_retry(self, worker: WorkerAddress) -> None:
         """``add``, retried with backoff: a worker that just started may still be settling."""
+        worker_id = worker.worker_id
         for attempt, backoff_s in enumerate((*_ADD_RETRY_S, None)):
             try:
-                await self.add(worker_id, address)
+                await self.add(worker)
                 return
             except (OSError, asyncio.TimeoutError, protocol.ProtocolError) as error:
                 if backoff_s is None:
@@ -119,14 +138,19 @@ class DecodeLinks:
         for link in list(self.links.values()):
             link.connection.close()
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: dict,
-               priority: int, block_hashes: list[int]) -> RequestHandle:
+    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+               priority: int, block_hashes: list[int], chunks: ChunkSink | None = None,
+               worker_id: str | None = None) -> RequestHandle:
+        """Send to the cheapest ready worker (or to ``worker_id``); ``NoWorker`` when none
+        is ready."""
         wire_id = request_id
         if wire_id in self.requests or wire_id in self.retired:
             wire_id = f"{request_id}#{next(self._suffixes)}"
         handle = RequestHandle(request_id, wire_id, protocol.Generate(
             wire_id, prompt_token_ids, sampling, priority), block_hashes)
-        self._send(handle)
+        if chunks is not None:
+            handle.chunks = chunks
+        self._send(handle, only=worker_id)
         self.requests[wire_id] = handle
         return handle
 
@@ -150,10 +174,11 @@ class DecodeLinks:
             self.requests.pop(handle.wire_id, None)
             self.index.finish_request(handle.wire_id)
 
-    def _send(self, handle: RequestHandle, exclude: str = "") -> None:
-        candidates = [w for w in self.ready_workers if w != exclude]
+    def _send(self, handle: RequestHandle, exclude: str = "", only: str | None = None) -> None:
+        candidates = [w for w in self.ready_workers if w != exclude and only in (None, w)]
         if not candidates:
-            raise NoWorker("no decode worker is ready")
+            raise NoWorker(f"decode worker {only} is not ready" if only
+                           else "no decode worker is ready")
         worker_id = self.index.choose(handle.block_hashes, candidates)
         self.links[worker_id].connection.send(handle.generate)  # raises before it writes
         handle.submitted_s = time.perf_counter()
@@ -197,7 +222,9 @@ class DecodeLinks:
                 self.retired.pop(msg.request_id, None)
             return
         handle.num_tokens_received += len(msg.token_ids)
-        if msg.token_ids:
+        if msg.finished:
+            self._forget(handle)  # the worker is done with it, whenever the reader gets here
+        elif msg.token_ids:
             self.index.update_request(handle.wire_id, self._active_tokens(handle))
         handle.chunks.put_nowait((time.perf_counter(), msg))
 
@@ -221,7 +248,8 @@ class DecodeLinks:
                 logger.exception("router: could not move request %s", handle.request_id)
             self._forget(handle)
             handle.chunks.put_nowait((time.perf_counter(), TokenChunk(
-                handle.wire_id, [], True, WORKER_LOST, f"decode worker {worker_id} went away")))
+                handle.wire_id, [], True, FinishReason.WORKER_LOST,
+                f"decode worker {worker_id} went away")))
         self.index.remove_worker(worker_id)
 
     def _resubmit(self, handle: RequestHandle, dead_worker: str) -> bool:

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from bench import goodput, stats
 
 MODES = ("never", "always", "conditional")
 K_TTFT, K_TPOT = 3.0, 3.0
@@ -155,33 +157,18 @@ def _idle_slo(url: str, workload: str) -> dict:
 def _bisect(state: dict, out: Path, servers: dict, workload: str, repeat: int,
             args: argparse.Namespace) -> None:
     slo = state["slo"][workload]
-    bounds = {mode: [None, None] for mode in MODES}  # highest passing, lowest failing
-    rates = {mode: WORKLOADS[workload]["start_rate"] for mode in MODES}
-    for step in range(args.steps):
-        order = MODES[step % 3:] + MODES[:step % 3]
-        for mode in order:
-            rate = rates[mode]
-            if rate < args.min_rate:  # fails even below the floor: goodput 0 at this SLO
-                continue
-            point = _probe(state, out, servers[mode].url, workload, repeat, mode, rate, slo,
-                           args.requests)
-            lo, hi = bounds[mode]
-            if point["attainment"] >= THRESHOLD:
-                lo = rate if lo is None else max(lo, rate)
-            else:
-                hi = rate if hi is None else min(hi, rate)
-            bounds[mode] = [lo, hi]
-            rates[mode] = _next_rate(lo, hi)
-            print(f"  {workload} r{repeat} {mode:11s} {rate:7.3f} req/s: attainment "
-                  f"{point['attainment']:.0%} -> next {rates[mode]:.3f}", flush=True)
 
+    def attainment_at(mode: str) -> Callable[[float], float]:
+        return lambda rate: _probe(state, out, servers[mode].url, workload, repeat, mode, rate,
+                                   slo, args.requests)["attainment"]
 
-def _next_rate(lo: float | None, hi: float | None) -> float:
-    if hi is None:
-        return lo * 2
-    if lo is None:
-        return hi / 2
-    return math.sqrt(lo * hi)
+    def report(mode: str, probe: goodput.Probe, next_rate: float) -> None:
+        print(f"  {workload} r{repeat} {mode:11s} {probe.rate:7.3f} req/s: attainment "
+              f"{probe.attainment:.0%} -> next {next_rate:.3f}", flush=True)
+
+    search = goodput.GoodputSearch(WORKLOADS[workload]["start_rate"], args.steps,
+                                   min_rate=args.min_rate, threshold=THRESHOLD)
+    goodput.search_goodput({mode: attainment_at(mode) for mode in MODES}, search, report)
 
 
 def _probe(state: dict, out: Path, url: str, workload: str, repeat: int, mode: str,
@@ -210,8 +197,6 @@ def _probe(state: dict, out: Path, url: str, workload: str, repeat: int, mode: s
 
 
 def _tpot(record: dict) -> float | None:
-    from bench import stats
-
     return stats.tpot_s(stats.RequestRecord.from_dict(record))
 
 
@@ -223,9 +208,9 @@ def _attainment(requests: list, ttft_s: float, tpot_s: float) -> float:
 
 def _goodput(points: list[dict], slo: dict, scale: float = 1.0) -> float:
     """The highest probed rate whose attainment passes, the SLOs scaled by ``scale``."""
-    passing = [p["rate"] for p in points if _attainment(
-        p["requests"], slo["ttft_s"] * scale, slo["tpot_s"] * scale) >= THRESHOLD]
-    return max(passing, default=0.0)
+    scaled = [(p["rate"], _attainment(p["requests"], slo["ttft_s"] * scale,
+                                      slo["tpot_s"] * scale)) for p in points]
+    return goodput.max_passing_rate(scaled, THRESHOLD) or 0.0
 
 
 def _goodputs(state: dict) -> dict:

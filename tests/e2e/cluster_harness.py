@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ray
+
 from engine.llm import LLM
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
 from pdserve.sampling import SamplingParams
+from pdserve.worker_stats import Role, WorkerStats
 from tests.e2e.kv_host import wait_for  # noqa: F401 (re-exported for the cluster tests)
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
@@ -30,18 +33,23 @@ def offline_greedy(model_dir, prompts: list[list[int]], max_tokens: int = 12) ->
         return [o.token_ids for o in llm.generate(prompts, params)]
 
 
-def worker_stats(cluster, role: str) -> list[dict]:
-    return list(cluster.stats(role).values())
+def worker_stats(cluster, role: Role) -> list[WorkerStats]:
+    return cluster.worker_stats(role)
+
+
+def kill_rank(cluster, role: Role, index: int, rank: int = 0) -> None:
+    """Kill one rank's process of worker ``index``, as a crash would."""
+    ray.kill(ray.get_actor(cluster.rank_names(role, index)[rank]), no_restart=True)
 
 
 def is_idle(cluster) -> bool:
     """Every block back in every pool, nothing expected, queued or streaming."""
-    for stats in worker_stats(cluster, "decode"):
-        if (stats["num_free_blocks"] != stats["num_blocks"] or stats["num_remote"]
-                or stats["num_stale"] or stats["num_streams"]
-                or any(rank["num_expected"] for rank in stats["ranks"])):
+    for stats in worker_stats(cluster, Role.DECODE):
+        if (stats.num_free_blocks != stats.num_blocks or stats.num_remote
+                or stats.num_stale or stats.num_streams
+                or any(rank.num_expected for rank in stats.ranks)):
             return False
-    for stats in worker_stats(cluster, "prefill"):
-        if stats["num_free_blocks"] != stats["num_blocks"] or stats["queue_depth"]:
+    for stats in worker_stats(cluster, Role.PREFILL):
+        if stats.num_free_blocks != stats.num_blocks or stats.queue_depth:
             return False
     return cluster.client.num_open_streams == 0

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from pdserve.cli import main
 from cluster.launcher import launch
+from pdserve.cli import main
 from router.server import RouterThread
 from tests.e2e.cluster_harness import cluster_config, is_idle, wait_for
 

@@ -10,23 +10,26 @@ import dataclasses
 import queue
 
 import pytest
-import ray
 
+from cluster.launcher import launch
 from engine.config import ModelConfig
 from pdserve import protocol
-from cluster.launcher import launch
 from pdserve.config import DecodeConfig, PrefillConfig
 from pdserve.hashing import hash_blocks
+from pdserve.protocol import FinishReason, PeerRole
 from pdserve.transport import EventLoopThread, open_connection
+from pdserve.worker_stats import DecodeStats, PrefillCounts, PrefillStats, Role
 from tests.e2e.cluster_harness import (
     BLOCK_SIZE,
     GREEDY,
     cluster_config,
     is_idle,
+    kill_rank,
     offline_greedy,
     wait_for,
     worker_stats,
 )
+from tests.e2e.probes import Holds
 from tests.unit.engine_oracle import hf_greedy, random_prompts, top1_margin
 
 MIN_TOP1_MARGIN = 2e-3
@@ -38,18 +41,23 @@ def model(tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_session, tiny_llama_dir):
-    with launch(cluster_config(tiny_llama_dir)) as cluster:
+def holds(ray_session):
+    return Holds("cancel-me", "doomed")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_llama_dir, holds):
+    with launch(cluster_config(tiny_llama_dir), probe=holds.probe()) as cluster:
         yield cluster
 
 
-def _decode(cluster) -> dict:
-    (stats,) = worker_stats(cluster, "decode")
+def _decode(cluster) -> DecodeStats:
+    (stats,) = worker_stats(cluster, Role.DECODE)
     return stats
 
 
-def _prefill(cluster) -> dict:
-    (stats,) = worker_stats(cluster, "prefill")
+def _prefill(cluster) -> PrefillStats:
+    (stats,) = worker_stats(cluster, Role.PREFILL)
     return stats
 
 
@@ -71,29 +79,29 @@ def test_long_short_and_cached_prompts_take_their_paths_and_match_hf(cluster, mo
         assert top1_margin(hf_logits) > MIN_TOP1_MARGIN, name
         assert expected[name] == hf_tokens, name
 
-    before, sent_before = _decode(cluster), _prefill(cluster)["bytes_sent"]
+    before, sent_before = _decode(cluster), _prefill(cluster).bytes_sent
     result = cluster.generate(long, GREEDY)
     after = _decode(cluster)
     assert result.token_ids == expected["remote"]
-    assert after["decisions"].get("remote:long_uncached", 0) == 1
-    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 1
-    assert _prefill(cluster)["bytes_sent"] - sent_before == _expected_bytes(model, 80, 0)
+    assert after.decisions.get("remote:long_uncached", 0) == 1
+    assert after.prompt_tokens_computed - before.prompt_tokens_computed == 1
+    assert _prefill(cluster).bytes_sent - sent_before == _expected_bytes(model, 80, 0)
 
     before = after
     result = cluster.generate(short, GREEDY)
     after = _decode(cluster)
     assert result.token_ids == expected["local"]
-    assert after["decisions"]["local:short_uncached"] == 1
-    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 12
+    assert after.decisions["local:short_uncached"] == 1
+    assert after.prompt_tokens_computed - before.prompt_tokens_computed == 12
 
     before = after
     result = cluster.generate(cached, GREEDY)
     after = _decode(cluster)
     assert result.token_ids == expected["cached"]
     assert result.num_cached_tokens == 64
-    assert after["decisions"]["local:short_uncached"] == 2
-    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 8
-    assert _prefill(cluster)["jobs_done"] == 1
+    assert after.decisions["local:short_uncached"] == 2
+    assert after.prompt_tokens_computed - before.prompt_tokens_computed == 8
+    assert _prefill(cluster).jobs_done == 1
     wait_for(lambda: is_idle(cluster), "an idle cluster")
 
 
@@ -113,13 +121,13 @@ def test_remote_prefill_sends_only_the_blocks_decode_lacks(cluster, model, tiny_
         result = cluster.generate(prompt, GREEDY)
         assert result.token_ids == want
         assert result.num_cached_tokens == num_cached
-        assert _decode(cluster)["prefills"]["remote"] == decode["prefills"]["remote"] + 1
-        assert (_decode(cluster)["prompt_tokens_computed"]
-                - decode["prompt_tokens_computed"]) == 1
+        assert _decode(cluster).prefills.remote == decode.prefills.remote + 1
+        assert (_decode(cluster).prompt_tokens_computed
+                - decode.prompt_tokens_computed) == 1
         after = _prefill(cluster)
-        assert (after["prompt_tokens_computed"] - prefill["prompt_tokens_computed"]
+        assert (after.prompt_tokens_computed - prefill.prompt_tokens_computed
                 == num_prefill_computed)
-        assert (after["bytes_sent"] - prefill["bytes_sent"]
+        assert (after.bytes_sent - prefill.bytes_sent
                 == _expected_bytes(model, len(prompt), num_cached))
     wait_for(lambda: is_idle(cluster), "an idle cluster")
 
@@ -129,28 +137,27 @@ def test_many_concurrent_requests_complete_and_return_every_block(cluster, model
     lengths = [5, 120, 33, 70, 9, 47, 100, 16, 64, 21, 90, 3, 55, 40, 110, 28]
     prompts = random_prompts(lengths, model.vocab_size, seed=2)
     expected = offline_greedy(tiny_llama_dir, prompts)
-    before = _decode(cluster)["prefills"].get("remote", 0)
+    before = _decode(cluster).prefills.remote
     streams = [cluster.submit(p, GREEDY) for p in prompts]
     assert [s.result(timeout_s=120).token_ids for s in streams] == expected
-    assert _decode(cluster)["prefills"]["remote"] - before == sum(n > 32 for n in lengths)
+    assert _decode(cluster).prefills.remote - before == sum(n > 32 for n in lengths)
     wait_for(lambda: is_idle(cluster), "an idle cluster")
 
 
-def test_cancel_while_kv_in_flight_frees_blocks_only_after_prefill_confirms(cluster, model):
+def test_cancel_while_kv_in_flight_frees_blocks_only_after_prefill_confirms(holds, cluster, model):
     (prompt,) = random_prompts([96], model.vocab_size, seed=3)
-    driver = cluster.prefill_driver()
-    ray.get(driver.hold.remote("cancel-me", 0))
+    holds.hold("cancel-me", 0)
     stream = cluster.submit(prompt, GREEDY, request_id="cancel-me")
-    assert ray.get(driver.wait_holding.remote(60))
-    cluster.cancel("cancel-me")
+    assert holds.wait_holding()
+    cluster.client.cancel(stream)
     result = stream.result(timeout_s=60)
-    assert result.finish_reason == "abort"
+    assert result.finish_reason is FinishReason.ABORT
     # The prefill worker is stuck inside the layer: it has not confirmed, so decode still
     # holds the request's blocks, parked.
     decode = _decode(cluster)
-    assert decode["num_stale"] == 1
-    assert decode["num_blocks"] - decode["num_free_blocks"] == -(-95 // BLOCK_SIZE)
-    ray.get(driver.release_hold.remote())
+    assert decode.num_stale == 1
+    assert decode.num_blocks - decode.num_free_blocks == -(-95 // BLOCK_SIZE)
+    holds.release()
     wait_for(lambda: is_idle(cluster), "both sides to free the cancelled request's blocks")
 
 
@@ -158,9 +165,9 @@ def test_subscribers_get_a_snapshot_then_numbered_kv_events_and_load(cluster, mo
     received: queue.SimpleQueue = queue.SimpleQueue()
     net = EventLoopThread("test-subscriber")
     try:
-        host, port = cluster.decodes[0].address
+        (worker,) = cluster.decode_addresses()
         connection = net.run(open_connection(
-            host, port, "router", cluster.fingerprint, cluster.secret,
+            worker.host, worker.port, PeerRole.ROUTER, cluster.fingerprint, cluster.secret,
             lambda _, msg: received.put(msg), lambda _: None), timeout_s=30)
         connection.send(protocol.Subscribe())
         snapshot = received.get(timeout=30)
@@ -174,8 +181,9 @@ def test_subscribers_get_a_snapshot_then_numbered_kv_events_and_load(cluster, mo
             if isinstance(msg, protocol.KVEvents):
                 assert msg.seq_start == seq  # numbered without gaps
                 seq += len(msg.events)
-                for kind, block_hash in msg.events:
-                    (hashes.add if kind == "stored" else hashes.discard)(block_hash)
+                for event in msg.events:
+                    is_stored = event.kind is protocol.KVEventKind.STORED
+                    (hashes.add if is_stored else hashes.discard)(event.block_hash)
         connection.close()
     finally:
         net.stop()
@@ -184,11 +192,11 @@ def test_subscribers_get_a_snapshot_then_numbered_kv_events_and_load(cluster, mo
 def _idle_counts(cluster) -> dict:
     """Everything that must be back at idle after any number of requests."""
     decode, prefill = _decode(cluster), _prefill(cluster)
-    return {"decode_free": decode["num_free_blocks"], "decode_ranks": decode["ranks"],
-            "streams": decode["num_streams"], "remote": decode["num_remote"],
-            "stale": decode["num_stale"], "waiting": decode["num_waiting"],
-            "prefill_free": prefill["num_free_blocks"], "prefill_ranks": prefill["ranks"],
-            "queue": prefill["queue_depth"], "client": cluster.client.num_open_streams}
+    return {"decode_free": decode.num_free_blocks, "decode_ranks": decode.ranks,
+            "streams": decode.num_streams, "remote": decode.num_remote,
+            "stale": decode.num_stale, "waiting": decode.num_waiting,
+            "prefill_free": prefill.num_free_blocks, "prefill_ranks": prefill.ranks,
+            "queue": prefill.queue_depth, "client": cluster.client.num_open_streams}
 
 
 def _run_waves(cluster, prompts: list[list[int]], wave: int = 50) -> None:
@@ -205,37 +213,36 @@ def test_a_thousand_requests_leave_nothing_behind(cluster, model):
     _run_waves(cluster, prompts[:100])  # warm-up
     wait_for(lambda: is_idle(cluster), "an idle cluster")
     idle = _idle_counts(cluster)
-    rss = (_decode(cluster)["rss_bytes"], _prefill(cluster)["rss_bytes"])
-    remote = _decode(cluster)["prefills"]["remote"]
+    rss = (_decode(cluster).rss_bytes, _prefill(cluster).rss_bytes)
+    remote = _decode(cluster).prefills.remote
     _run_waves(cluster, prompts[100:])
     wait_for(lambda: is_idle(cluster), "an idle cluster")
     assert _idle_counts(cluster) == idle
-    assert _decode(cluster)["prefills"]["remote"] - remote == 100
+    assert _decode(cluster).prefills.remote - remote == 100
     # Resident memory: allocator noise only (a leak of a few hundred bytes per request
     # would already show as megabytes here).
-    growth = (_decode(cluster)["rss_bytes"] - rss[0], _prefill(cluster)["rss_bytes"] - rss[1])
+    growth = (_decode(cluster).rss_bytes - rss[0], _prefill(cluster).rss_bytes - rss[1])
     assert max(growth) < 32 * 2**20, growth
 
 
-def test_prefill_worker_killed_while_holding_a_job_falls_back_and_restarts(
+def test_prefill_worker_killed_while_holding_a_job_falls_back_and_restarts(holds,
         cluster, model, tiny_llama_dir):
     prompts = random_prompts([100, 90], model.vocab_size, seed=4)
     expected = offline_greedy(tiny_llama_dir, prompts)
-    driver = cluster.prefill_driver()
-    ray.get(driver.hold.remote("doomed", 1))
+    holds.hold("doomed", 1)
     stream = cluster.submit(prompts[0], GREEDY, request_id="doomed")
-    assert ray.get(driver.wait_holding.remote(60))
-    fallbacks = _decode(cluster)["prefills"].get("fallback", 0)
-    cluster.kill_prefill_rank(0)
+    assert holds.wait_holding()
+    fallbacks = _decode(cluster).prefills.fallback
+    kill_rank(cluster, Role.PREFILL, 0)
     assert stream.result(timeout_s=120).token_ids == expected[0]
-    assert _decode(cluster)["prefills"]["fallback"] == fallbacks + 1
+    assert _decode(cluster).prefills.fallback == fallbacks + 1
     wait_for(lambda: cluster.num_restarts == 1, "the prefill group to restart")
-    wait_for(lambda: list(_decode(cluster)["prefill_peers"].values()) == [True],
+    wait_for(lambda: list(_decode(cluster).prefill_peers.values()) == [True],
              "decode to know the restarted prefill worker")
-    remote = _decode(cluster)["prefills"]["remote"]
+    remote = _decode(cluster).prefills.remote
     assert cluster.generate(prompts[1], GREEDY).token_ids == expected[1]
-    assert _decode(cluster)["prefills"]["remote"] == remote + 1
-    assert _prefill(cluster)["jobs_done"] == 1  # the new incarnation served it
+    assert _decode(cluster).prefills.remote == remote + 1
+    assert _prefill(cluster).jobs_done == 1  # the new incarnation served it
     wait_for(lambda: is_idle(cluster), "an idle cluster")
 
 
@@ -246,12 +253,12 @@ def test_fp8_wire_into_a_model_dtype_pool_keeps_landed_blocks_out_of_the_cache(
     with launch(config) as cluster:
         first = cluster.generate(prompt, GREEDY)
         assert len(first.token_ids) == GREEDY["max_tokens"] and not first.error
-        assert _decode(cluster)["prefills"] == {"remote": 1}
+        assert _decode(cluster).prefills == PrefillCounts(remote=1)
         # The KV arrived lossy: a second identical prompt finds nothing cached, so it goes
         # remote again instead of hitting blocks that depend on the fp8 round trip.
         second = cluster.generate(prompt, GREEDY)
         assert second.num_cached_tokens == 0
-        assert _decode(cluster)["prefills"] == {"remote": 2}
+        assert _decode(cluster).prefills == PrefillCounts(remote=2)
         wait_for(lambda: is_idle(cluster), "an idle cluster")
 
 

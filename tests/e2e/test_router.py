@@ -14,11 +14,20 @@ import threading
 import httpx
 import openai
 import pytest
-import ray
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.launcher import launch
+from pdserve.worker_stats import Role
 from router.server import RouterThread
-from tests.e2e.cluster_harness import cluster_config, is_idle, offline_greedy, wait_for, worker_stats
+from tests.e2e.cluster_harness import (
+    cluster_config,
+    is_idle,
+    offline_greedy,
+    wait_for,
+    worker_stats,
+)
+from tests.e2e.probes import Holds
 
 MAX_TOKENS = 12
 LONG_PROMPT = ("The decode worker looks at how much of the prompt it already holds, and when "
@@ -32,8 +41,13 @@ NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_session, tiny_llama_dir):
-    with launch(cluster_config(tiny_llama_dir)) as cluster:
+def holds(ray_session):
+    return Holds("carried-id", "leaver", "again", "leaver-remote", "first", "draining")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_llama_dir, holds):
+    with launch(cluster_config(tiny_llama_dir), probe=holds.probe()) as cluster:
         yield cluster
 
 
@@ -68,8 +82,8 @@ def _stream_text(stream) -> tuple[str, list]:
 
 
 def _remote_count(cluster) -> int:
-    (stats,) = worker_stats(cluster, "decode")
-    return stats["prefills"].get("remote", 0)
+    (stats,) = worker_stats(cluster, Role.DECODE)
+    return stats.prefills.remote
 
 
 def test_openai_completions_equal_the_offline_engine(cluster, server, openai_client, tiny_tokenizer,
@@ -268,9 +282,8 @@ def test_bad_requests_get_openai_errors_and_leave_nothing_behind(cluster, server
     wait_for(lambda: is_idle(cluster), "the pools to be idle")
 
 
-def test_request_id_is_returned_and_carried_to_the_worker(cluster, server, model_name):
-    driver = cluster.decode_driver(0)
-    ray.get(driver.hold.remote("carried-id", 2))
+def test_request_id_is_returned_and_carried_to_the_worker(holds, cluster, server, model_name):
+    holds.hold("carried-id", 2)
     result: dict = {}
 
     def call() -> None:
@@ -282,8 +295,8 @@ def test_request_id_is_returned_and_carried_to_the_worker(cluster, server, model
 
     thread = threading.Thread(target=call)
     thread.start()
-    assert ray.get(driver.wait_holding.remote(60))  # the worker saw the client's id
-    ray.get(driver.release_hold.remote())
+    assert holds.wait_holding()  # the worker saw the client's id
+    holds.release()
     thread.join(60)
     response = result["response"]
     assert response.status_code == 200
@@ -292,34 +305,32 @@ def test_request_id_is_returned_and_carried_to_the_worker(cluster, server, model
     assert response.json()["usage"]["completion_tokens"] == 4
 
 
-def test_client_disconnect_mid_stream_cancels_and_frees_every_block(cluster, server,
+def test_client_disconnect_mid_stream_cancels_and_frees_every_block(holds, cluster, server,
                                                                     model_name):
-    driver = cluster.decode_driver(0)
-    (before,) = worker_stats(cluster, "decode")
-    ray.get(driver.hold.remote("leaver", 2))
+    (before,) = worker_stats(cluster, Role.DECODE)
+    holds.hold("leaver", 2)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "leaver"},
                          json={"model": model_name, "prompt": "hi", "max_tokens": 500,
                                "ignore_eos": True, "stream": True}) as response:
             assert response.status_code == 200
-            assert ray.get(driver.wait_holding.remote(60))
+            assert holds.wait_holding()
     # the client is gone while the worker holds the request after 2 of 500 tokens
     wait_for(lambda: "leaver" not in server.router.links.requests, "the router to cancel")
-    ray.get(driver.release_hold.remote())
+    holds.release()
     wait_for(lambda: is_idle(cluster), "every block back in the pools")
-    (after,) = worker_stats(cluster, "decode")
-    assert after["num_finished"] == before["num_finished"]  # aborted, not run to 500
+    (after,) = worker_stats(cluster, Role.DECODE)
+    assert after.num_finished == before.num_finished  # aborted, not run to 500
 
 
-def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(
+def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(holds,
         cluster, server, model_name):
-    driver = cluster.decode_driver(0)
-    ray.get(driver.hold.remote("again", 2))
+    holds.hold("again", 2)
     body = {"model": model_name, "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "again"},
                          json=body | {"stream": True}) as response:
-            assert ray.get(driver.wait_holding.remote(60))
+            assert holds.wait_holding()
     wait_for(lambda: server.router.links.handle("again") is None, "the router to cancel")
     result: dict = {}
 
@@ -332,7 +343,7 @@ def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(
     thread.start()
     wait_for(lambda: server.router.links.handle("again") is not None, "the retry to start")
     assert server.router.links.handle("again").wire_id == "again#1"
-    ray.get(driver.release_hold.remote())
+    holds.release()
     thread.join(120)
     response = result["response"]
     assert response.status_code == 200, response.text
@@ -342,25 +353,23 @@ def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(
     wait_for(lambda: is_idle(cluster), "every block back in the pools")
 
 
-def test_client_disconnect_during_remote_prefill_cancels_the_job(cluster, server, model_name,
+def test_client_disconnect_during_remote_prefill_cancels_the_job(holds, cluster, server, model_name,
                                                                  tiny_tokenizer):
-    driver = cluster.prefill_driver(0)
     prompt = fresh_long_prompt("leaver")
-    ray.get(driver.hold.remote("leaver-remote", 0))
+    holds.hold("leaver-remote", 0)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "leaver-remote"},
                          json={"model": model_name, "prompt": prompt, "max_tokens": 8,
                                "stream": True}) as response:
             assert response.status_code == 200
-            assert ray.get(driver.wait_holding.remote(60))
+            assert holds.wait_holding()
     wait_for(lambda: "leaver-remote" not in server.router.links.requests,
              "the router to cancel")
-    ray.get(driver.release_hold.remote())
+    holds.release()
     wait_for(lambda: is_idle(cluster), "every block back in the pools")
 
 
-def test_admission_queues_then_answers_429_when_full(cluster, model_name):
-    driver = cluster.prefill_driver(0)
+def test_admission_queues_then_answers_429_when_full(holds, cluster, model_name):
     responses: dict[str, httpx.Response] = {}
 
     def call(request_id: str, prompt: str, priority: int) -> None:
@@ -371,10 +380,10 @@ def test_admission_queues_then_answers_429_when_full(cluster, model_name):
                       "priority": priority})
 
     with RouterThread(cluster, max_running=1, max_queue=2) as server:
-        ray.get(driver.hold.remote("first", 0))
+        holds.hold("first", 0)
         threads = [threading.Thread(target=call, args=("first", fresh_long_prompt("first"), 0))]
         threads[0].start()
-        assert ray.get(driver.wait_holding.remote(60))  # "first" holds the one slot
+        assert holds.wait_holding()  # "first" holds the one slot
         for num_queued, (request_id, priority) in enumerate((("low", 5), ("high", 1)), 1):
             threads.append(threading.Thread(target=call, args=(request_id, "hi", priority)))
             threads[-1].start()
@@ -385,7 +394,7 @@ def test_admission_queues_then_answers_429_when_full(cluster, model_name):
             assert refused.status_code == 429
             assert refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["type"] == "rate_limit_error"
-        ray.get(driver.release_hold.remote())
+        holds.release()
         for thread in threads:
             thread.join(120)
     assert {r: responses[r].status_code for r in responses} == \
@@ -431,22 +440,24 @@ def test_metrics_count_what_happened(cluster, server, model_name):
     assert after['pdserve_prompt_tokens_computed_total{role="prefill"}'] > \
         before['pdserve_prompt_tokens_computed_total{role="prefill"}']
     assert after["pdserve_queue_depth"] == 0
-    (decode,) = worker_stats(cluster, "decode")
-    assert after[f'pdserve_kv_blocks_free{{worker="{decode["worker_id"]}"}}'] == \
-        decode["num_blocks"]
+    (decode,) = worker_stats(cluster, Role.DECODE)
+    assert after[f'pdserve_kv_blocks_free{{worker="{decode.worker_id}"}}'] == \
+        decode.num_blocks
     assert "pdserve_prefix_cache_hit_tokens_total" in after
     assert "pdserve_e2e_request_latency_seconds_count" in after
 
 
 def _metrics(http: httpx.Client) -> dict[str, float]:
+    """Every sample as ``name{label="value",...}`` (labels sorted) -> its value. Sample
+    names, not family names: a counter's family drops "_total", its sample keeps it."""
     response = http.get("/metrics")
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert response.headers["content-type"] == CONTENT_TYPE_LATEST
     values = {}
-    for line in response.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
 
 
@@ -467,9 +478,8 @@ def test_router_process_imports_no_torch():
     assert output.strip() == "[]"
 
 
-def test_drain_finishes_running_requests_and_refuses_new_ones(cluster, model_name):
-    driver = cluster.decode_driver(0)
-    ray.get(driver.hold.remote("draining", 2))
+def test_drain_finishes_running_requests_and_refuses_new_ones(holds, cluster, model_name):
+    holds.hold("draining", 2)
     result: dict = {}
     server = RouterThread(cluster)
 
@@ -483,7 +493,7 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(cluster, model_nam
     thread = threading.Thread(target=call)
     thread.start()
     try:
-        assert ray.get(driver.wait_holding.remote(60))
+        assert holds.wait_holding()
         server.server.drain()  # what SIGTERM does
         with httpx.Client(base_url=server.url, timeout=60) as http:
             assert http.get("/health").status_code == 503
@@ -491,7 +501,7 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(cluster, model_nam
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "shutting_down"
-        ray.get(driver.release_hold.remote())
+        holds.release()
         thread.join(120)
         assert result["response"].status_code == 200
         assert result["response"].json()["usage"]["completion_tokens"] == 6

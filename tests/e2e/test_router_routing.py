@@ -7,28 +7,35 @@ import threading
 
 import httpx
 import pytest
-import ray
 
 from cluster.launcher import launch
 from pdserve.hashing import hash_blocks
+from pdserve.worker_stats import Role
 from router.server import RouterThread
 from tests.e2e.cluster_harness import (
     BLOCK_SIZE,
     cluster_config,
     is_idle,
+    kill_rank,
     offline_greedy,
     wait_for,
 )
+from tests.e2e.probes import Holds
 
 PREFIX_BLOCKS = 3
 NUM_GROUPS = 4
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_session, tiny_llama_dir):
+def holds(ray_session):
+    return Holds("moved", "orphan")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_llama_dir, holds):
     config = cluster_config(tiny_llama_dir, num_blocks=32, max_local_prefill_tokens=64,
                             num_workers=2)
-    with launch(config) as cluster:
+    with launch(config, probe=holds.probe()) as cluster:
         yield cluster
 
 
@@ -92,14 +99,13 @@ def _decode_index(worker_id: str) -> int:
     return int(worker_id.removeprefix("decode").split(".")[0])
 
 
-def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(
+def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(holds,
         cluster, server, model_name, tiny_tokenizer, tiny_llama_dir):
     """The prefill worker holds the request's job, so its decode worker has streamed nothing
     when it dies: the router sends the request to the other decode worker."""
     prompt = [(5 * i) % 300 + 60 for i in range(100)]  # long: prefilled remotely
     (expected,) = offline_greedy(tiny_llama_dir, [prompt], 6)
-    prefill = cluster.prefill_driver(0)
-    ray.get(prefill.hold.remote("moved", 0))
+    holds.hold("moved", 0)
     result: dict = {}
 
     def call() -> None:
@@ -113,12 +119,12 @@ def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(
 
     thread = threading.Thread(target=call)
     thread.start()
-    assert ray.get(prefill.wait_holding.remote(60))
+    assert holds.wait_holding()
     first_worker = server.router.links.requests["moved"].worker_id
-    cluster.kill_decode_rank(_decode_index(first_worker))
+    kill_rank(cluster, Role.DECODE, _decode_index(first_worker))
     wait_for(lambda: server.router.links.requests["moved"].worker_id != first_worker,
              "the router to move the request")
-    ray.get(prefill.release_hold.remote())
+    holds.release()
     thread.join(180)
     assert result["worker"] == first_worker
     assert result["lines"][-1] == "data: [DONE]"
@@ -129,10 +135,9 @@ def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(
     _wait_for_two_workers(cluster, server)
 
 
-def test_a_stream_whose_worker_dies_mid_way_ends_with_an_error_event(cluster, server,
+def test_a_stream_whose_worker_dies_mid_way_ends_with_an_error_event(holds, cluster, server,
                                                                      model_name):
-    for index in range(2):  # whichever worker the router picks holds after 2 tokens
-        ray.get(cluster.decode_driver(index).hold.remote("orphan", 2))
+    holds.hold("orphan", 2)  # whichever worker the router picks holds after 2 tokens
     result: dict = {}
 
     def call() -> None:
@@ -149,15 +154,14 @@ def test_a_stream_whose_worker_dies_mid_way_ends_with_an_error_event(cluster, se
              and server.router.links.requests["orphan"].num_tokens_received == 2,
              "two tokens at the router")
     worker_id = server.router.links.requests["orphan"].worker_id
-    cluster.kill_decode_rank(_decode_index(worker_id))
+    kill_rank(cluster, Role.DECODE, _decode_index(worker_id))
     thread.join(180)
     assert result["status"] == 200
     assert result["lines"][-1] == "data: [DONE]"
     error = httpx.Response(200, content=result["lines"][-2].removeprefix("data: ")).json()
     assert error["error"]["code"] == "worker_error"
     assert "went away" in error["error"]["message"]
-    other = 1 - _decode_index(worker_id)
-    ray.get(cluster.decode_driver(other).hold.remote("", 0))  # disarm the other hold
+    holds.release()  # the dead worker's wait at the gate ends
     _wait_for_two_workers(cluster, server)
     with httpx.Client(base_url=server.url, timeout=120) as http:
         _complete(http, model_name, "still serving")  # the restarted cluster serves

@@ -1,4 +1,4 @@
-"""Benchmark statistics on hand-built records: percentiles, TPOT, summaries, SLOs and goodput.
+"""Benchmark statistics on hand-built records: percentiles, TPOT, summaries and SLOs.
 
 Times are binary fractions (0.25, 0.5, ...) wherever a value is compared exactly; an
 interpolated percentile such as 0.9 has no exact binary form, so it is compared to 1e-12.
@@ -14,9 +14,6 @@ from bench.stats import (
     RequestRecord,
     attainment,
     attainment_vs_scale,
-    bisect_next,
-    is_converged,
-    max_passing_rate,
     meets_slo,
     percentile,
     summarize,
@@ -167,48 +164,3 @@ def test_attainment_vs_scale_is_monotonic_and_exact() -> None:
     assert fractions == sorted(fractions)
     with pytest.raises(ValueError, match="scale"):
         attainment_vs_scale(RECORDS, 0.5, 0.25, [1.0, 0.0])
-
-
-# --- goodput search -----------------------------------------------------------------------------
-
-def test_max_passing_rate_is_the_highest_rate_meeting_the_threshold() -> None:
-    points = [(1.0, 1.0), (2.0, 0.95), (4.0, 0.9), (8.0, 0.5), (3.0, 0.89)]
-    assert max_passing_rate(points) == 4.0
-    assert max_passing_rate(points, threshold=0.95) == 2.0
-    assert max_passing_rate([(1.0, 0.5), (2.0, 0.95)]) == 2.0  # not monotonic: still the max
-    assert max_passing_rate([(1.0, 0.5), (2.0, None)]) is None
-    assert max_passing_rate([]) is None
-    with pytest.raises(ValueError, match="threshold"):
-        max_passing_rate(points, threshold=1.5)
-
-
-def test_bisect_next_grows_until_a_failure_then_takes_the_geometric_midpoint() -> None:
-    assert bisect_next(1.0, None) == 2.0
-    assert bisect_next(1.5, None, step_factor=4.0) == 6.0
-    assert bisect_next(1.0, 4.0) == 2.0
-    assert bisect_next(2.0, 8.0) == 4.0
-    for lo, hi, step_factor, name in ((0.0, None, 2.0, "lo"), (2.0, 2.0, 2.0, "hi"),
-                                      (2.0, 1.0, 2.0, "hi"), (1.0, None, 1.0, "step_factor")):
-        with pytest.raises(ValueError, match=name):
-            bisect_next(lo, hi, step_factor)
-
-
-def test_is_converged_needs_a_failing_rate_within_the_tolerance() -> None:
-    assert not is_converged(1.0, None, 0.1)
-    assert is_converged(1.0, 1.0625, 0.125)
-    assert not is_converged(1.0, 1.5, 0.125)
-    with pytest.raises(ValueError, match="rel_tol"):
-        is_converged(1.0, 2.0, 0.0)
-
-
-def test_a_goodput_search_brackets_the_passing_boundary() -> None:
-    boundary = 5.0  # rates up to it pass
-    lo, hi, num_steps = 1.0, None, 0
-    while not is_converged(lo, hi, 0.01):
-        rate = bisect_next(lo, hi)
-        lo, hi = (rate, hi) if rate <= boundary else (lo, rate)
-        num_steps += 1
-    assert hi is not None and lo <= boundary < hi <= lo * 1.01
-    # 2, 4 pass and 8 fails; then each midpoint halves log2(hi / lo) = 1 until 1 / 2^7 of it
-    # is within log2(1.01) = 0.0144.
-    assert num_steps == 3 + 7

@@ -343,6 +343,18 @@ def test_error_event_mid_stream_raises(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("event", [{"choices": [], "usage": {"prompt_tokens": 3}},
+                                   {"choices": [{"index": 0, "delta": "Hi"}]}, [1, 2]])
+def test_an_event_of_the_wrong_shape_is_a_server_error(kind: str, event: Any) -> None:
+    scenario = Scenario()
+    scenario.replies = [scenario.stream_reply(sse(event, "[DONE]"),
+                                              headers={"X-Request-Id": "req-4"})]
+    with pytest.raises(ServerError, match="unexpected event shape") as caught:
+        call(kind, scenario, "complete", "x", stream=True)
+    assert (caught.value.status, caught.value.request_id) == (200, "req-4")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_transport_failure_mid_stream_is_not_retried(kind: str) -> None:
     scenario = Scenario()
     scenario.replies = [scenario.stream_reply(COMPLETION_EVENTS[:1], fails=True)]

@@ -1,5 +1,6 @@
 """The operator's files agree with the code: the example config loads, the launcher files
-parse, and every `pdserve serve` flag docs/cluster.md names exists (and every one is named)."""
+parse, and every `pdserve serve` flag docs/cluster.md names exists (and every one is named,
+with the config keys it sets and their default)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pdserve.cli import build_parser
+from pdserve.cli import build_parser, config_flags
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig, RouterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +23,7 @@ LAUNCH = ROOT / "scripts" / "launch-cluster.sh"
 DOC = ROOT / "docs" / "cluster.md"
 
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
+_KEY = re.compile(r"`([a-z_.]+)`")
 # the arguments after `pdserve serve` (or the launch script's `head`), up to ' or `
 _SERVE_ARGS = re.compile(r"(?:pdserve serve|launch-cluster\.sh head)([^'`\n]*)")
 
@@ -48,6 +50,16 @@ def _doc_flags() -> tuple[set[str], set[str]]:
     commands = {flag for match in _SERVE_ARGS.finditer(joined)
                 for flag in _FLAG.findall(match.group(1))}
     return table, commands
+
+
+def _table_rows() -> dict[str, list[str]]:
+    """The flags table by flag: its cells after the first (config keys, default, meaning)."""
+    rows = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `--"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[_FLAG.findall(cells[0])[0]] = cells[1:]
+    return rows
 
 
 def test_example_config_loads_and_holds_every_default():
@@ -96,3 +108,14 @@ def test_doc_flags_exist_in_the_cli():
 def test_doc_table_covers_every_cli_flag():
     table, _ = _doc_flags()
     assert _serve_flags() <= table, _serve_flags() - table
+
+
+def test_doc_table_names_the_keys_each_flag_sets_and_their_default():
+    rows = _table_rows()
+    flags = config_flags()
+    for flag, (keys, default, _) in rows.items():
+        assert tuple(_KEY.findall(keys)) == (flags[flag].paths if flag in flags else ()), flag
+        spec = flags[flag].spec if flag in flags else None
+        if spec is not None and spec.has_default:
+            value = getattr(spec.default, "value", spec.default)  # an Enum as in YAML
+            assert default.strip("`") == str(value), flag

@@ -10,6 +10,7 @@ from engine.kv_cache import KVCache
 from kvtransfer.endpoint import Endpoint, Notice, NoticeKind, WireRegion
 from kvtransfer.layout import RegionGeometry
 from kvtransfer.wire import SlotPool, Source, Target, check_wire, source_of, target_of
+from pdserve.config import lands_in_staging
 
 
 @pytest.mark.parametrize("prefill,decode", [("fp8", "fp8"), ("fp8", "auto"), ("auto", "fp8"),
@@ -18,26 +19,32 @@ def test_fp8_wire_takes_any_pools(prefill, decode):
     check_wire("fp8", prefill, decode)
 
 
-@pytest.mark.parametrize("prefill,decode,field", [("fp8", "auto", "prefill kv_cache_dtype"),
-                                                  ("auto", "fp8", "decode kv_cache_dtype")])
-def test_lossless_wire_refuses_an_fp8_pool(prefill, decode, field):
-    with pytest.raises(ValueError, match=field):
+@pytest.mark.parametrize("prefill,decode,path", [("fp8", "auto", "prefill.kv_cache_dtype"),
+                                                 ("auto", "fp8", "decode.kv_cache_dtype")])
+def test_lossless_wire_refuses_an_fp8_pool(prefill, decode, path):
+    with pytest.raises(ValueError, match=f"^{path}: 'fp8' is invalid, must be 'auto' when "):
         check_wire("auto", prefill, decode)
 
 
 def test_unknown_dtypes_are_named():
-    with pytest.raises(ValueError, match="kv_transfer_dtype"):
+    with pytest.raises(ValueError) as error:
         check_wire("int8", "auto", "auto")
-    with pytest.raises(ValueError, match="decode kv_cache_dtype"):
+    assert str(error.value) == ("kv_transfer_dtype: 'int8' is invalid, "
+                                "must be one of ('fp8', 'auto')")
+    with pytest.raises(ValueError) as error:
         check_wire("fp8", "auto", "bf16")
+    assert str(error.value) == ("decode.kv_cache_dtype: 'bf16' is invalid, "
+                                "must be one of ('auto', 'fp8')")
 
 
-def test_where_bytes_come_from_and_land():
-    assert source_of("fp8", "auto") is Source.SEND_BUFFER
-    assert source_of("fp8", "fp8") is Source.POOL
-    assert source_of("auto", "auto") is Source.POOL
-    assert target_of("fp8", "auto") is Target.STAGING
-    assert target_of("fp8", "fp8") is Target.POOL
+@pytest.mark.parametrize("wire,pool,source,target", [
+    ("fp8", "auto", Source.SEND_BUFFER, Target.STAGING),
+    ("fp8", "fp8", Source.POOL, Target.POOL),
+    ("auto", "auto", Source.POOL, Target.POOL),
+])
+def test_where_bytes_come_from_and_land(wire, pool, source, target):
+    assert source_of(wire, pool) is source and target_of(wire, pool) is target
+    assert lands_in_staging(wire, pool) is (target is Target.STAGING)
 
 
 def test_slots_lowest_first_and_none_when_short():

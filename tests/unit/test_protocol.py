@@ -5,36 +5,49 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import queue
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 
 from pdserve import protocol, transport
-from pdserve.protocol import Fingerprint, ProtocolError
+from pdserve.protocol import (
+    Fingerprint,
+    FinishReason,
+    KVEvent,
+    KVEventKind,
+    PeerRole,
+    ProtocolError,
+)
+from pdserve.sampling import SamplingParams
 
 SECRET = "cluster-secret"
 WAIT_S = 10  # how long a queue.get waits for the loop thread before the test fails
 
 FINGERPRINT = Fingerprint("tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef")
+SAMPLING = SamplingParams(max_tokens=8, temperature=0.5, top_k=40, top_p=0.9, seed=1234,
+                          stop_token_ids=(7, 2), ignore_eos=True, output_logits=True)
 
 # One instance of every message, each field away from its default so that a field dropped or
 # swapped on the wire shows. Hashes use the full unsigned 64-bit range.
 SAMPLES = {
-    protocol.Hello: protocol.Hello(1, "decode", {"model": "tiny", "num_layers": 2}, "s3cret"),
+    protocol.Hello: protocol.Hello(protocol.PROTOCOL_VERSION, PeerRole.PREFILL, FINGERPRINT,
+                                   "s3cret"),
     protocol.HelloReply: protocol.HelloReply(False, "wrong cluster secret", "decode-0"),
-    protocol.Generate: protocol.Generate(
-        "req-1", [1, 2, 3], {"max_tokens": 8, "temperature": 0.5, "stop_token_ids": [7]}, 2),
-    protocol.TokenChunk: protocol.TokenChunk("req-1", [4, 5], True, "length", "bad input", 16),
+    protocol.Generate: protocol.Generate("req-1", [1, 2, 3], SAMPLING, 2),
+    protocol.TokenChunk: protocol.TokenChunk(
+        "req-1", [4, 5], True, FinishReason.LENGTH, "bad input", 16),
     protocol.Cancel: protocol.Cancel("req-1"),
     protocol.Subscribe: protocol.Subscribe(),
     protocol.KVEvents: protocol.KVEvents(
-        "decode-0", 41, [["stored", 2**64 - 1], ["removed", 0]]),
+        "decode-0", 41,
+        [KVEvent(KVEventKind.STORED, 2**64 - 1), KVEvent(KVEventKind.REMOVED, 0)]),
     protocol.KVSnapshot: protocol.KVSnapshot("decode-0", 40, [2**64 - 1, 12345, 0]),
     protocol.Load: protocol.Load("decode-0", 3, 4, 100, 128),
     protocol.PrefillJob: protocol.PrefillJob(
@@ -51,55 +64,101 @@ def payload_of(frame: bytes) -> bytes:
     return frame[4:]
 
 
-def as_dict(fingerprint: Fingerprint) -> dict:
-    return {name: getattr(fingerprint, name) for name in Fingerprint.__dataclass_fields__}
+def frame_of(values: Any) -> bytes:
+    """A well-framed payload of arbitrary msgpack ``values`` (what a broken peer may send)."""
+    payload = msgpack.packb(values)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def wire_of(msg: protocol.Message) -> list:
+    """``msg`` as the plain msgpack array it travels as."""
+    return msgpack.unpackb(payload_of(protocol.encode(msg)))
+
+
+def broken(msg: protocol.Message, path: tuple[int, ...], value: Any) -> list:
+    """The wire array of ``msg`` with the value at ``path`` (indices, tag at 0) replaced."""
+    values = wire_of(msg)
+    inner = values
+    for index in path[:-1]:
+        inner = inner[index]
+    inner[path[-1]] = value
+    return values
 
 
 # -- encode / decode --------------------------------------------------------------------------
 
-def test_every_message_type_has_a_sample():
-    assert set(SAMPLES) == set(protocol._MESSAGES.values())
+def test_every_message_type_is_registered_and_has_a_sample():
+    assert set(protocol.MESSAGES.values()) == set(protocol.Message.__subclasses__())
+    assert set(SAMPLES) == set(protocol.MESSAGES.values())
 
 
 def test_tags_are_pinned_and_unique():
     # The tags are the wire format: changing one breaks every peer of another version.
-    assert {tag: cls.__name__ for tag, cls in protocol._MESSAGES.items()} == {
+    assert {tag: cls.__name__ for tag, cls in protocol.MESSAGES.items()} == {
         1: "Hello", 2: "HelloReply", 10: "Generate", 11: "TokenChunk", 12: "Cancel",
         13: "Subscribe", 14: "KVEvents", 15: "KVSnapshot", 16: "Load", 20: "PrefillJob",
         21: "JobReply", 22: "CancelJob", 23: "CancelJobReply", 24: "QueueDepth", 30: "Error",
     }
-    assert all(cls.TAG == tag for tag, cls in protocol._MESSAGES.items())
+    assert all(protocol.tag_of(cls) == tag for tag, cls in protocol.MESSAGES.items())
+    assert len({protocol.tag_of(cls) for cls in protocol.Message.__subclasses__()}) == 15
 
 
-def test_registering_a_used_tag_raises():
-    @dataclass(frozen=True)
-    class Impostor:
-        pass
-
-    with pytest.raises(RuntimeError, match="^message tag 12 used twice$"):
-        protocol.message(12)(Impostor)
-    assert protocol._MESSAGES[12] is protocol.Cancel
+@pytest.mark.parametrize("msg", [*SAMPLES.values(), SAMPLING], ids=lambda m: type(m).__name__)
+def test_samples_set_every_field_away_from_its_default(msg: msgspec.Struct):
+    for field in msgspec.structs.fields(msg):
+        if field.default is not msgspec.NODEFAULT:
+            assert getattr(msg, field.name) != field.default, field.name
 
 
 @pytest.mark.parametrize("msg", list(SAMPLES.values()), ids=lambda m: type(m).__name__)
-def test_round_trip(msg: Any):
-    frame = protocol.encode(msg)
-    decoded = protocol.decode(payload_of(frame))
+def test_round_trip(msg: protocol.Message):
+    decoded = protocol.decode(payload_of(protocol.encode(msg)))
     assert decoded == msg
     assert type(decoded) is type(msg)
 
 
+def test_nested_values_decode_to_their_types():
+    # A str Enum equals its value, so == alone would not tell "length" from LENGTH.
+    def round_trip(msg: protocol.Message) -> Any:
+        return protocol.decode(payload_of(protocol.encode(msg)))
+
+    hello = round_trip(SAMPLES[protocol.Hello])
+    assert hello.role is PeerRole.PREFILL
+    assert type(hello.fingerprint) is Fingerprint
+    generate = round_trip(SAMPLES[protocol.Generate])
+    assert type(generate.sampling) is SamplingParams
+    assert generate.sampling.stop_token_ids == (7, 2)
+    assert round_trip(SAMPLES[protocol.TokenChunk]).finish_reason is FinishReason.LENGTH
+    events = round_trip(SAMPLES[protocol.KVEvents]).events
+    assert [type(event) for event in events] == [KVEvent, KVEvent]
+    assert [event.kind for event in events] == [KVEventKind.STORED, KVEventKind.REMOVED]
+    assert all(type(event.kind) is KVEventKind for event in events)
+
+
 @pytest.mark.parametrize("msg", list(SAMPLES.values()), ids=lambda m: type(m).__name__)
-def test_frame_is_length_header_then_tagged_array(msg: Any):
+def test_frame_is_length_header_then_tagged_array(msg: protocol.Message):
     frame = protocol.encode(msg)
     payload = payload_of(frame)
     assert frame[:4] == struct.pack(">I", len(payload))
-    assert msgpack.unpackb(payload)[0] == msg.TAG
+    values = msgpack.unpackb(payload)
+    assert values[0] == protocol.tag_of(type(msg))
+    assert len(values) == 1 + len(msg.__struct_fields__)  # every field, defaults included
+
+
+def test_nested_structs_travel_as_arrays_in_field_order():
+    assert wire_of(SAMPLES[protocol.Generate]) == [
+        10, "req-1", [1, 2, 3], [8, 0.5, 40, 0.9, 1234, [7, 2], True, True], 2]
+    assert wire_of(SAMPLES[protocol.Hello]) == [
+        1, 2, "prefill", ["tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef"],
+        "s3cret"]
+    assert wire_of(SAMPLES[protocol.KVEvents]) == [
+        14, "decode-0", 41, [["stored", 2**64 - 1], ["removed", 0]]]
+    assert wire_of(SAMPLES[protocol.TokenChunk])[4] == "length"
 
 
 def test_defaults_are_filled_when_a_peer_sends_fewer_fields():
-    payload = msgpack.packb([protocol.TokenChunk.TAG, "req-1", [4]])
-    assert protocol.decode(payload) == protocol.TokenChunk("req-1", [4], False, "", "", 0)
+    payload = msgpack.packb([protocol.tag_of(protocol.TokenChunk), "req-1", [4]])
+    assert protocol.decode(payload) == protocol.TokenChunk("req-1", [4], False, None, "", 0)
 
 
 @pytest.mark.parametrize("payload", [
@@ -119,29 +178,88 @@ def test_garbage_raises_protocol_error(payload: bytes):
 
 
 def test_unknown_tag_raises_protocol_error():
-    with pytest.raises(ProtocolError, match=r"^undecodable message: KeyError\(99\)$"):
+    with pytest.raises(ProtocolError) as error:
         protocol.decode(msgpack.packb([99, "x"]))
+    assert str(error.value) == "undecodable message: Invalid value 99 - at `$[0]`"
 
 
-@pytest.mark.parametrize("values", [
-    [protocol.Cancel.TAG],  # too few
-    [protocol.Cancel.TAG, "req-1", "extra"],  # too many
-    [protocol.Subscribe.TAG, "extra"],
-    [protocol.Load.TAG, "decode-0", 1, 2, 3],  # one short
-    [protocol.TokenChunk.TAG, "req-1", [1], True, "stop", "", 0, "extra"],
-])
-def test_wrong_field_count_raises_protocol_error(values: list):
-    with pytest.raises(ProtocolError, match=r"^undecodable message: TypeError\("):
+# msgspec counts the tag in "at least" but not in "at most" (there, lengths are field counts).
+@pytest.mark.parametrize("values,reason", [
+    ([12], "Cancel: Expected `array` of at least length 2, got 1"),  # too few
+    ([12, "req-1", "extra"], "Cancel: Expected `array` of at most length 1, got 2"),
+    ([13, "extra"], "Subscribe: Expected `array` of at most length 0, got 1"),
+    ([16, "decode-0", 1, 2, 3], "Load: Expected `array` of at least length 6, got 5"),
+    ([11, "req-1", [1], True, "stop", "", 0, "extra"],
+     "TokenChunk: Expected `array` of at most length 6, got 7"),
+], ids=["too-few", "too-many", "empty-message-extra", "one-short", "one-over"])
+def test_wrong_field_count_raises_protocol_error_naming_the_message(values: list, reason: str):
+    with pytest.raises(ProtocolError) as error:
         protocol.decode(msgpack.packb(values))
+    assert str(error.value) == f"undecodable message: {reason}"
 
 
 @pytest.mark.parametrize("payload", [
-    msgpack.packb(b"\x0ca"),  # bin: iterates as the ints 12, 97 -> Cancel(request_id=97)
-    msgpack.packb(msgpack.ExtType(12, b"x")),  # ext: (code, data) -> Cancel(request_id=b"x")
-], ids=["bin", "ext"])
+    msgpack.packb(b"\x0ca"),  # bin: would iterate as the ints 12, 97
+    msgpack.packb(msgpack.ExtType(12, b"x")),
+    msgpack.packb("\x0creq-1"),
+    msgpack.packb({0: 12, 1: "req-1"}),
+], ids=["bin", "ext", "str", "map"])
 def test_a_payload_that_is_not_an_array_raises_protocol_error(payload: bytes):
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="^undecodable message: .*Expected `array`, got "):
         protocol.decode(payload)
+
+
+# Each case breaks one value of a good sample; the error names the message and the field the
+# value sits under (msgspec's reason, with its path, follows).
+MALFORMED = {
+    "token-id-str": (
+        broken(SAMPLES[protocol.Generate], (2, 1), "two"),
+        "Generate.prompt_token_ids: Expected `int`, got `str` - at `$[2][1]`"),
+    "max-tokens-0": (
+        broken(SAMPLES[protocol.Generate], (3, 0), 0),
+        "Generate.sampling: max_tokens=0 is invalid: must be an integer in [1, 2147483647] or None - at `$[3]`"),
+    "top-p-2": (
+        broken(SAMPLES[protocol.Generate], (3, 3), 2.0),
+        "Generate.sampling: top_p=2.0 is invalid: must be in (0, 1] - at `$[3]`"),
+    "ignore-eos-int": (
+        broken(SAMPLES[protocol.Generate], (3, 6), 1),
+        "Generate.sampling: Expected `bool`, got `int` - at `$[3][6]`"),
+    "sampling-map": (
+        broken(SAMPLES[protocol.Generate], (3,), {"max_tokens": 8}),
+        "Generate.sampling: Expected `array`, got `object` - at `$[3]`"),
+    "finish-reason": (
+        broken(SAMPLES[protocol.TokenChunk], (4,), "done"),
+        "TokenChunk.finish_reason: Invalid enum value 'done' - at `$[4]`"),
+    "kv-event-kind": (
+        broken(SAMPLES[protocol.KVEvents], (3, 1, 0), "evicted"),
+        "KVEvents.events: Invalid enum value 'evicted' - at `$[3][1][0]`"),
+    "block-hash-str": (
+        broken(SAMPLES[protocol.KVEvents], (3, 0, 1), "ff"),
+        "KVEvents.events: Expected `int`, got `str` - at `$[3][0][1]`"),
+    "fingerprint-short": (
+        broken(SAMPLES[protocol.Hello], (3,), wire_of(SAMPLES[protocol.Hello])[3][:-1]),
+        "Hello.fingerprint: Expected `array` of at least length 8, got 7 - at `$[3]`"),
+    "fingerprint-layers-str": (
+        broken(SAMPLES[protocol.Hello], (3, 1), "2"),
+        "Hello.fingerprint: Expected `int`, got `str` - at `$[3][1]`"),
+    "role": (
+        broken(SAMPLES[protocol.Hello], (2,), "intruder"),
+        "Hello.role: Invalid enum value 'intruder' - at `$[2]`"),
+    "count-bool": (
+        broken(SAMPLES[protocol.Load], (5,), True),
+        "Load.num_blocks: Expected `int`, got `bool` - at `$[5]`"),
+    "request-id-nil": (
+        broken(SAMPLES[protocol.Cancel], (1,), None),
+        "Cancel.request_id: Expected `str`, got `None` - at `$[1]`"),
+}
+
+
+@pytest.mark.parametrize("values,reason", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_wrong_value_anywhere_raises_protocol_error_naming_the_field(values: list,
+                                                                        reason: str):
+    with pytest.raises(ProtocolError) as error:
+        protocol.decode(msgpack.packb(values))
+    assert str(error.value) == f"undecodable message: {reason}"
 
 
 # -- read_message -----------------------------------------------------------------------------
@@ -205,6 +323,13 @@ def test_an_incomplete_frame_raises_incomplete_read(data: bytes):
         read_from(data)
 
 
+def test_a_malformed_frame_is_consumed_whole_and_the_next_one_reads():
+    first = frame_of(MALFORMED["token-id-str"][0])
+    error, unread = read_from(first + protocol.encode(SAMPLES[protocol.Cancel]))
+    assert isinstance(error, ProtocolError)
+    assert unread == protocol.encode(SAMPLES[protocol.Cancel])
+
+
 # -- Fingerprint ------------------------------------------------------------------------------
 
 def test_fingerprint_of_the_tiny_llama(tiny_llama_dir: Path):
@@ -241,12 +366,19 @@ def test_fingerprint_changes_with_the_tokenizer(tiny_llama_dir: Path, tmp_path: 
         f"tokenizer_hash={original.tokenizer_hash!r} vs {changed.tokenizer_hash!r}")
 
 
+def test_fingerprint_fields_are_pinned():
+    # Their order is the wire layout of Hello.fingerprint.
+    assert Fingerprint.__struct_fields__ == (
+        "model", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype",
+        "kv_transfer_dtype", "tokenizer_hash")
+
+
 def test_mismatch_is_empty_when_equal():
-    assert FINGERPRINT.mismatch(replace(FINGERPRINT)) == ""
+    assert FINGERPRINT.mismatch(msgspec.structs.replace(FINGERPRINT)) == ""
 
 
 def test_mismatch_names_each_differing_field_mine_then_theirs():
-    theirs = replace(FINGERPRINT, num_layers=3, dtype="bfloat16")
+    theirs = msgspec.structs.replace(FINGERPRINT, num_layers=3, dtype="bfloat16")
     assert FINGERPRINT.mismatch(theirs) == "num_layers=2 vs 3, dtype='float32' vs 'bfloat16'"
     assert theirs.mismatch(FINGERPRINT) == "num_layers=3 vs 2, dtype='bfloat16' vs 'float32'"
 
@@ -258,7 +390,7 @@ def test_mismatch_names_each_differing_field_mine_then_theirs():
 ])
 def test_mismatch_names_a_single_field(field: str, value: Any):
     mine = getattr(FINGERPRINT, field)
-    assert FINGERPRINT.mismatch(replace(FINGERPRINT, **{field: value})) == (
+    assert FINGERPRINT.mismatch(msgspec.structs.replace(FINGERPRINT, **{field: value})) == (
         f"{field}={mine!r} vs {value!r}")
 
 
@@ -296,20 +428,30 @@ class Client:
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.closed: queue.SimpleQueue = queue.SimpleQueue()
 
-    def connect(self, role: str = "decode", fingerprint: Fingerprint = FINGERPRINT,
+    def connect(self, role: PeerRole = PeerRole.DECODE, fingerprint: Fingerprint = FINGERPRINT,
                 secret: str = SECRET) -> transport.Connection:
         return self.loop.run(transport.open_connection(
             "127.0.0.1", self.port, role, fingerprint, secret,
             lambda connection, msg: self.messages.put(msg),
             lambda connection: self.closed.put(connection.peer)), WAIT_S)
 
-    def raw(self, *msgs: Any) -> tuple[Any, bytes]:
-        """Send ``msgs`` on a bare socket, read one reply, then what follows until EOF."""
+    def raw(self, data: bytes, is_handshaken: bool = False) -> tuple[Any, bytes]:
+        """Send ``data`` on a bare socket (after a good handshake as a ``client`` peer when
+        ``is_handshaken``); return the server's next message (the IncompleteReadError when it
+        just closes) and the bytes that follow until EOF."""
         async def exchange() -> tuple[Any, bytes]:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            writer.write(b"".join(protocol.encode(m) for m in msgs))
+            if is_handshaken:
+                reader, writer, reply = await protocol.connect(
+                    "127.0.0.1", self.port, PeerRole.CLIENT, FINGERPRINT, SECRET)
+                assert reply == protocol.HelloReply(True, "", "server-0")
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.write(data)
             await writer.drain()
-            reply = await protocol.read_message(reader)
+            try:
+                reply = await protocol.read_message(reader)
+            except asyncio.IncompleteReadError as error:
+                reply = error
             rest = await reader.read()
             writer.close()
             return reply, rest
@@ -333,13 +475,18 @@ def client(server: Server) -> Iterator[Client]:
 
 def assert_only_good_messages_arrive(server: Server, client: Client) -> None:
     """A matching peer's message is the first and only one the server's on_message sees."""
-    client.connect(role="good").send(protocol.Cancel("from-good-peer"))
-    assert server.messages.get(timeout=WAIT_S) == ("good", protocol.Cancel("from-good-peer"))
+    client.connect(role=PeerRole.ROUTER).send(protocol.Cancel("from-good-peer"))
+    assert server.messages.get(timeout=WAIT_S) == ("router", protocol.Cancel("from-good-peer"))
     assert server.messages.empty()
 
 
+def transport_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.name == "pdserve.transport" and record.levelno == logging.WARNING]
+
+
 def test_a_matching_peer_exchanges_messages_both_ways(server: Server, client: Client):
-    connection = client.connect(role="decode")
+    connection = client.connect(role=PeerRole.DECODE)
     assert connection.peer == "server-0"  # the server's worker id, from HelloReply
     connection.send(SAMPLES[protocol.Generate])
     assert server.messages.get(timeout=WAIT_S) == ("decode", SAMPLES[protocol.Generate])
@@ -352,66 +499,74 @@ def test_a_matching_peer_exchanges_messages_both_ways(server: Server, client: Cl
 
 @pytest.mark.parametrize("fingerprint,secret,reason", [
     (FINGERPRINT, "not-the-secret", "wrong cluster secret"),
-    (replace(FINGERPRINT, block_size=16), SECRET,
+    (msgspec.structs.replace(FINGERPRINT, block_size=16), SECRET,
      "fingerprint mismatch (this worker vs peer): block_size=4 vs 16"),
-    (replace(FINGERPRINT, model="other", tokenizer_hash="ffffffffffffffff"), SECRET,
-     "fingerprint mismatch (this worker vs peer): model='tiny' vs 'other', "
+    (msgspec.structs.replace(FINGERPRINT, model="other", tokenizer_hash="ffffffffffffffff"),
+     SECRET, "fingerprint mismatch (this worker vs peer): model='tiny' vs 'other', "
      "tokenizer_hash='0123456789abcdef' vs 'ffffffffffffffff'"),
 ], ids=["secret", "block_size", "model-and-tokenizer"])
 def test_a_mismatched_peer_is_refused_with_the_reason(
         server: Server, client: Client, fingerprint: Fingerprint, secret: str, reason: str):
     with pytest.raises(ProtocolError) as refused:
-        client.connect(role="bad", fingerprint=fingerprint, secret=secret)
+        client.connect(role=PeerRole.PREFILL, fingerprint=fingerprint, secret=secret)
     assert str(refused.value) == f"127.0.0.1:{server.port} refused the connection: {reason}"
     assert_only_good_messages_arrive(server, client)
     assert server.closed.empty()  # a refused peer never became a connection
 
 
 @pytest.mark.parametrize("first,reason", [
-    (protocol.Hello(999, "bad", as_dict(FINGERPRINT), SECRET),
-     "protocol version 999, this worker speaks 1"),
+    (protocol.Hello(999, PeerRole.PREFILL, FINGERPRINT, SECRET),
+     "protocol version 999, this worker speaks 2"),
     (protocol.Cancel("sneaky"), "expected Hello first, got Cancel"),
 ], ids=["version", "not-hello"])
 def test_a_raw_peer_is_refused_and_disconnected(
-        server: Server, client: Client, first: Any, reason: str):
-    reply, rest = client.raw(first)
+        server: Server, client: Client, first: protocol.Message, reason: str):
+    reply, rest = client.raw(protocol.encode(first))
     assert reply == protocol.HelloReply(False, reason, "server-0")
     assert rest == b""  # the server closed the connection after the refusal
     assert_only_good_messages_arrive(server, client)
 
 
-def test_a_malformed_fingerprint_is_refused(server: Server, client: Client):
-    reply, rest = client.raw(protocol.Hello(1, "bad", {"model": "tiny"}, SECRET))
-    assert (reply.ok, rest) == (False, b"")
-    assert reply.reason.startswith("malformed fingerprint: ")
-    assert "missing 7 required positional arguments" in reply.reason
+@pytest.mark.parametrize("case", ["fingerprint-short", "fingerprint-layers-str", "role"])
+def test_a_malformed_hello_is_dropped_without_a_reply(
+        server: Server, client: Client, caplog: pytest.LogCaptureFixture, case: str):
+    caplog.set_level(logging.WARNING, logger="pdserve.transport")
+    values, reason = MALFORMED[case]
+    reply, rest = client.raw(frame_of(values))
+    assert isinstance(reply, asyncio.IncompleteReadError)  # closed with no HelloReply
+    assert (reply.partial, rest) == (b"", b"")
+    assert transport_warnings(caplog) == [
+        f"refused a request-plane peer: undecodable message: {reason}"]
+    assert_only_good_messages_arrive(server, client)
+    assert server.closed.empty()  # a refused peer never became a connection
 
 
-def oversize_after_handshake(client: Client) -> Any:
-    """Shake hands, send a frame header over the limit, return what the server sends back
-    (the IncompleteReadError when it just closes)."""
-    async def exchange() -> Any:
-        reader, writer, reply = await protocol.connect(
-            "127.0.0.1", client.port, "client", FINGERPRINT, SECRET)
-        assert reply == protocol.HelloReply(True, "", "server-0")
-        writer.write(struct.pack(">I", protocol.MAX_FRAME_BYTES + 1))
-        await writer.drain()
-        try:
-            return await protocol.read_message(reader)
-        except asyncio.IncompleteReadError as error:
-            return error
-        finally:
-            writer.close()
+@pytest.mark.parametrize("case", ["token-id-str", "max-tokens-0", "finish-reason",
+                                  "kv-event-kind"])
+def test_a_malformed_message_closes_the_connection_and_reaches_no_one(
+        server: Server, client: Client, caplog: pytest.LogCaptureFixture, case: str):
+    caplog.set_level(logging.WARNING, logger="pdserve.transport")
+    values, reason = MALFORMED[case]
+    before, after = protocol.Cancel("before"), protocol.Cancel("after")
+    reply, rest = client.raw(protocol.encode(before) + frame_of(values)
+                             + protocol.encode(after), is_handshaken=True)
+    assert reply == protocol.Error(f"undecodable message: {reason}")
+    assert rest == b""
+    assert server.closed.get(timeout=WAIT_S) == "client"
+    assert transport_warnings(caplog) == [
+        f"closing the connection to client: undecodable message: {reason}"]
+    # The message before it arrived; neither it nor anything after it did.
+    assert server.messages.get(timeout=WAIT_S) == ("client", before)
+    assert_only_good_messages_arrive(server, client)
 
-    return client.loop.run(exchange(), WAIT_S)
 
-
-def test_a_frame_over_the_limit_closes_the_connection(server: Server, client: Client):
-    oversize_after_handshake(client)
+def test_a_frame_over_the_limit_closes_the_connection_with_an_error(
+        server: Server, client: Client, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger="pdserve.transport")
+    reply, rest = client.raw(struct.pack(">I", protocol.MAX_FRAME_BYTES + 1),
+                             is_handshaken=True)
+    reason = "frame of 16777217 bytes exceeds the 16777216-byte limit"
+    assert (reply, rest) == (protocol.Error(reason), b"")
     assert server.closed.get(timeout=WAIT_S) == "client"
     assert server.messages.empty()
-
-
-def test_a_frame_over_the_limit_is_answered_with_an_error(server: Server, client: Client):
-    assert oversize_after_handshake(client) == protocol.Error(
-        "frame of 16777217 bytes exceeds the 16777216-byte limit")
+    assert transport_warnings(caplog) == [f"closing the connection to client: {reason}"]

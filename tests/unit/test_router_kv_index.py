@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pdserve.hashing import hash_blocks
-from pdserve.protocol import KVEvents, KVSnapshot, Load, ProtocolError
+from pdserve.protocol import KVEvent, KVEventKind, KVEvents, KVSnapshot, Load
 from router.kv_index import KVIndex, WorkerScore
+
+STORED, REMOVED = KVEventKind.STORED, KVEventKind.REMOVED
 
 BLOCK_SIZE = 4
 
@@ -30,13 +32,13 @@ class FakeWorker:
         """Cache a prompt's full blocks, as the block manager does after prefill."""
         new = [h for h in hash_blocks(token_ids, BLOCK_SIZE) if h not in self.held]
         self.held.extend(new)
-        return self._batch([["stored", h] for h in new])
+        return self._batch([KVEvent(STORED, h) for h in new])
 
     def remove(self, block_hash: int) -> KVEvents:
         self.held.remove(block_hash)
-        return self._batch([["removed", block_hash]])
+        return self._batch([KVEvent(REMOVED, block_hash)])
 
-    def _batch(self, events: list[list]) -> KVEvents:
+    def _batch(self, events: list[KVEvent]) -> KVEvents:
         batch = KVEvents(self.worker_id, self.seq, events)
         self.seq += len(events)
         return batch
@@ -56,15 +58,15 @@ def test_snapshot_then_events_mirror_the_workers_cache():
 
     index.apply_snapshot(KVSnapshot("w0", 3, [a, b]))
     assert index.is_synced("w0") and index.cached_hashes("w0") == [a, b]
-    assert index.apply_events(KVEvents("w0", 3, [["stored", c]])) is True
+    assert index.apply_events(KVEvents("w0", 3, [KVEvent(STORED, c)])) is True
     assert index.cached_hashes("w0") == [a, b, c]
     assert index.blocks_to_prefill("w0", [a, b, c]) == 0
 
-    assert index.apply_events(KVEvents("w0", 4, [["removed", a]])) is True
+    assert index.apply_events(KVEvents("w0", 4, [KVEvent(REMOVED, a)])) is True
     assert index.cached_hashes("w0") == [b, c]
     # A prefix match stops at the first missing block, though b and c are still held.
     assert index.blocks_to_prefill("w0", [a, b, c]) == 3
-    assert index.apply_events(KVEvents("w0", 5, [["removed", 12345]])) is True
+    assert index.apply_events(KVEvents("w0", 5, [KVEvent(REMOVED, 12345)])) is True
     assert index.cached_hashes("w0") == [b, c]
 
 
@@ -72,19 +74,19 @@ def test_gap_unsyncs_the_worker_and_its_events_wait_for_a_snapshot():
     index = make_index("w0")
     a, b, c, d = hash_blocks(tokens(0, 16), BLOCK_SIZE)
     index.apply_snapshot(KVSnapshot("w0", 0, []))
-    assert index.apply_events(KVEvents("w0", 0, [["stored", a]])) is True
+    assert index.apply_events(KVEvents("w0", 0, [KVEvent(STORED, a)])) is True
 
-    assert index.apply_events(KVEvents("w0", 5, [["stored", b]])) is False  # 1..4 lost
+    assert index.apply_events(KVEvents("w0", 5, [KVEvent(STORED, b)])) is False  # 1..4 lost
     assert not index.is_synced("w0")
     # Ignored until the snapshot, without asking for yet another one.
-    assert index.apply_events(KVEvents("w0", 6, [["stored", c]])) is True
+    assert index.apply_events(KVEvents("w0", 6, [KVEvent(STORED, c)])) is True
     assert index.cached_hashes("w0") == [a]
     # The last known hashes still score meanwhile.
     assert index.blocks_to_prefill("w0", [a, b]) == 1
 
     index.apply_snapshot(KVSnapshot("w0", 9, [c, d]))
     assert index.is_synced("w0") and index.cached_hashes("w0") == [c, d]
-    assert index.apply_events(KVEvents("w0", 9, [["removed", c]])) is True
+    assert index.apply_events(KVEvents("w0", 9, [KVEvent(REMOVED, c)])) is True
     assert index.cached_hashes("w0") == [d]
 
 
@@ -92,10 +94,10 @@ def test_batches_already_in_the_snapshot_are_skipped():
     index = make_index("w0")
     a, b = hash_blocks(tokens(0, 8), BLOCK_SIZE)
     index.apply_snapshot(KVSnapshot("w0", 4, [a, b]))
-    assert index.apply_events(KVEvents("w0", 2, [["removed", a], ["removed", b]])) is True
-    assert index.apply_events(KVEvents("w0", 0, [["removed", a]])) is True
+    assert index.apply_events(KVEvents("w0", 2, [KVEvent(REMOVED, a), KVEvent(REMOVED, b)])) is True
+    assert index.apply_events(KVEvents("w0", 0, [KVEvent(REMOVED, a)])) is True
     assert index.cached_hashes("w0") == [a, b]
-    assert index.apply_events(KVEvents("w0", 4, [["removed", b]])) is True
+    assert index.apply_events(KVEvents("w0", 4, [KVEvent(REMOVED, b)])) is True
     assert index.cached_hashes("w0") == [a]
 
 
@@ -105,24 +107,13 @@ def test_overlapping_batch_applies_only_its_new_part():
     index.apply_snapshot(KVSnapshot("w0", 2, [a]))
     # Events 0 and 1 count as already reflected in the snapshot: removing a there must not
     # be applied again.
-    batch = KVEvents("w0", 0, [["stored", b], ["removed", a], ["stored", b], ["stored", c]])
+    batch = KVEvents("w0", 0, [KVEvent(STORED, b), KVEvent(REMOVED, a), KVEvent(STORED, b), KVEvent(STORED, c)])
     assert index.apply_events(batch) is True
     assert index.cached_hashes("w0") == [a, b, c]
     # Expected next: 4, so a batch at 4 applies and one at 6 is a gap.
-    assert index.apply_events(KVEvents("w0", 4, [["removed", b]])) is True
+    assert index.apply_events(KVEvents("w0", 4, [KVEvent(REMOVED, b)])) is True
     assert index.cached_hashes("w0") == [a, c]
-    assert index.apply_events(KVEvents("w0", 6, [["removed", c]])) is False
-
-
-def test_unknown_event_kind_is_refused_and_changes_nothing():
-    index = make_index("w0")
-    a, b = hash_blocks(tokens(0, 8), BLOCK_SIZE)
-    index.apply_snapshot(KVSnapshot("w0", 0, [a]))
-    with pytest.raises(ProtocolError, match="'evicted'"):
-        index.apply_events(KVEvents("w0", 0, [["stored", b], ["evicted", a]]))
-    assert index.cached_hashes("w0") == [a]
-    assert index.apply_events(KVEvents("w0", 0, [["stored", b]])) is True
-    assert index.cached_hashes("w0") == [a, b]
+    assert index.apply_events(KVEvents("w0", 6, [KVEvent(REMOVED, c)])) is False
 
 
 def test_removal_of_a_groups_first_block_frees_it_to_move():
@@ -224,11 +215,11 @@ def test_bound_keeps_the_newest_stored_hashes():
     a, b, c, d, e, f = hash_blocks(tokens(0, 24), BLOCK_SIZE)
     index.apply_snapshot(KVSnapshot("w0", 0, [a, b, c, d]))
     assert index.cached_hashes("w0") == [b, c, d]
-    index.apply_events(KVEvents("w0", 0, [["stored", e]]))
+    index.apply_events(KVEvents("w0", 0, [KVEvent(STORED, e)]))
     assert index.cached_hashes("w0") == [c, d, e]
-    index.apply_events(KVEvents("w0", 1, [["stored", c]]))  # stored again: newest
+    index.apply_events(KVEvents("w0", 1, [KVEvent(STORED, c)]))  # stored again: newest
     assert index.cached_hashes("w0") == [d, e, c]
-    index.apply_events(KVEvents("w0", 2, [["stored", f], ["removed", e]]))
+    index.apply_events(KVEvents("w0", 2, [KVEvent(STORED, f), KVEvent(REMOVED, e)]))
     assert index.cached_hashes("w0") == [c, f]
     index.apply_snapshot(KVSnapshot("w1", 0, [a]))
     assert index.num_cached_entries == 3
@@ -263,7 +254,7 @@ def test_worker_messages_after_removal_are_ignored_and_its_requests_dropped():
     index.remove_worker("w0")
     index.remove_worker("w0")  # a no-op
     index.apply_snapshot(KVSnapshot("w0", 0, [a]))
-    assert index.apply_events(KVEvents("w0", 7, [["stored", a]])) is True
+    assert index.apply_events(KVEvents("w0", 7, [KVEvent(STORED, a)])) is True
     index.apply_load(Load("w0", 1, 0, 10, 16))
     index.finish_request("r1")
     index.update_request("r1", 9)

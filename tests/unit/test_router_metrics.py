@@ -1,211 +1,263 @@
-"""The router's Prometheus exposition (router.metrics): exact rendered text."""
+"""The router's metrics (router.router_metrics): exact values as a scraper parses them."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import math
+from collections import defaultdict
+from pathlib import Path
 
-import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import (
-    CallbackCounter,
-    CallbackGauge,
-    Counter,
-    Gauge,
-    Histogram,
-    Registry,
-    format_value,
-)
+from pdserve.worker_stats import DecodeStats, PrefillCounts, PrefillStats, WorkerStats
+from router.router_metrics import RouterMetrics
+
+SOURCE = Path(__file__).parents[2] / "router" / "router_metrics.py"
 
 
-def test_small_registry_renders_exactly():
-    registry = Registry()
-    requests = registry.register(
-        Counter("pdserve_requests_total", "Requests answered.", ("route", "status")))
-    running = registry.register(Gauge("pdserve_running", "Requests running."))
-    ttft = registry.register(
-        Histogram("pdserve_ttft_seconds", "Time to first token.", (0.1, 0.5, 2)))
-    requests.inc(labels=("/v1/completions", "200"))
-    requests.inc(2, labels=("/v1/completions", "200"))
-    requests.inc(labels=("/v1/chat/completions", "429"))
-    running.inc(3)
-    running.dec()
-    for seconds in (0.05, 0.25, 0.5, 3.0):
-        ttft.observe(seconds)
-
-    assert registry.render() == (
-        "# HELP pdserve_requests_total Requests answered.\n"
-        "# TYPE pdserve_requests_total counter\n"
-        'pdserve_requests_total{route="/v1/chat/completions",status="429"} 1\n'
-        'pdserve_requests_total{route="/v1/completions",status="200"} 3\n'
-        "# HELP pdserve_running Requests running.\n"
-        "# TYPE pdserve_running gauge\n"
-        "pdserve_running 2\n"
-        "# HELP pdserve_ttft_seconds Time to first token.\n"
-        "# TYPE pdserve_ttft_seconds histogram\n"
-        'pdserve_ttft_seconds_bucket{le="0.1"} 1\n'
-        'pdserve_ttft_seconds_bucket{le="0.5"} 3\n'
-        'pdserve_ttft_seconds_bucket{le="2"} 3\n'
-        'pdserve_ttft_seconds_bucket{le="+Inf"} 4\n'
-        "pdserve_ttft_seconds_sum 3.8\n"
-        "pdserve_ttft_seconds_count 4\n"
-    )
+def decode_stats(worker_id: str, *, local: int = 0, remote: int = 0, fallback: int = 0,
+                 prompt_tokens_computed: int = 0) -> DecodeStats:
+    return DecodeStats(
+        worker_id=worker_id, decisions={}, prompt_tokens_computed=prompt_tokens_computed,
+        prefills=PrefillCounts(local=local, remote=remote, fallback=fallback),
+        num_finished=0, num_running=0, num_waiting=0, num_waiting_for_remote_kv=0,
+        num_remote=0, num_stale=0, num_streams=0, num_free_blocks=16, num_blocks=16,
+        max_model_len=256, ranks=[], prefill_peers={}, num_subscribers=0, rss_bytes=0)
 
 
-def test_unused_metrics_render_zero_unless_labelled():
-    registry = Registry()
-    registry.register(Counter("plain_total", "No labels."))
-    registry.register(Counter("labelled_total", "With labels.", ("worker",)))
-    registry.register(Histogram("latency_seconds", "Latency.", (1,)))
-    assert registry.render() == (
-        "# HELP plain_total No labels.\n"
-        "# TYPE plain_total counter\n"
-        "plain_total 0\n"
-        "# HELP labelled_total With labels.\n"
-        "# TYPE labelled_total counter\n"
-        "# HELP latency_seconds Latency.\n"
-        "# TYPE latency_seconds histogram\n"
-        'latency_seconds_bucket{le="1"} 0\n'
-        'latency_seconds_bucket{le="+Inf"} 0\n'
-        "latency_seconds_sum 0\n"
-        "latency_seconds_count 0\n"
-    )
+def prefill_stats(worker_id: str, *, bytes_sent: int = 0,
+                  prompt_tokens_computed: int = 0) -> PrefillStats:
+    return PrefillStats(
+        worker_id=worker_id, jobs_done=0, jobs_failed=0, jobs_cancelled=0,
+        bytes_sent=bytes_sent, prompt_tokens_computed=prompt_tokens_computed, queue_depth=0,
+        num_active=0, num_free_blocks=16, num_blocks=16, num_connections=0, rss_bytes=0,
+        ranks=[])
 
 
-def test_histogram_bucket_edges_and_labels():
-    histogram = Histogram("tokens", "Prompt tokens.", (1, 10, 100), ("worker",))
-    # A value equal to a bound is counted in that bound's bucket (le = less or equal).
-    for value in (-5, 1, 1.0000001, 10, 100, 100.5):
-        histogram.observe(value, labels=("w0",))
-    histogram.observe(0.5, labels=("w1",))
-    assert histogram.render() == (
-        "# HELP tokens Prompt tokens.\n"
-        "# TYPE tokens histogram\n"
-        'tokens_bucket{worker="w0",le="1"} 2\n'
-        'tokens_bucket{worker="w0",le="10"} 4\n'
-        'tokens_bucket{worker="w0",le="100"} 5\n'
-        'tokens_bucket{worker="w0",le="+Inf"} 6\n'
-        'tokens_sum{worker="w0"} 207.5000001\n'
-        'tokens_count{worker="w0"} 6\n'
-        'tokens_bucket{worker="w1",le="1"} 1\n'
-        'tokens_bucket{worker="w1",le="10"} 1\n'
-        'tokens_bucket{worker="w1",le="100"} 1\n'
-        'tokens_bucket{worker="w1",le="+Inf"} 1\n'
-        'tokens_sum{worker="w1"} 0.5\n'
-        'tokens_count{worker="w1"} 1\n'
-    )
+def make_metrics(worker_stats=None, queue_depth=lambda: 0, num_running=lambda: 0,
+                 free_blocks=dict) -> RouterMetrics:
+    return RouterMetrics(worker_stats, queue_depth, num_running, free_blocks)
 
 
-def test_label_values_and_help_are_escaped():
-    gauge = Gauge("odd", 'Help with a \\ backslash,\na newline and "quotes".', ("path",))
-    gauge.set(1.5, labels=('C:\\dir "x"\nnext',))
-    assert gauge.render() == (
-        '# HELP odd Help with a \\\\ backslash,\\na newline and "quotes".\n'
-        "# TYPE odd gauge\n"
-        'odd{path="C:\\\\dir \\"x\\"\\nnext"} 1.5\n'
-    )
+def scrape(metrics: RouterMetrics) -> dict[str, float]:
+    """Every sample as ``name{label="value",...}`` (labels sorted) -> its value."""
+    text = asyncio.run(metrics.render()).decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
 
 
-def test_callback_metrics_are_computed_at_render_time():
-    stats = {"w0": (3, 12), "w1": (0, 40)}
-    registry = Registry()
-    registry.register(CallbackGauge(
-        "pdserve_worker_free_blocks", "Free KV blocks per decode worker.",
-        lambda: {(worker,): free for worker, (_, free) in stats.items()}, ("worker",)))
-    registry.register(CallbackCounter(
-        "pdserve_worker_steps_total", "Engine steps.", lambda: {(): 7}))
-    registry.register(CallbackGauge(
-        "pdserve_worker_running", "Running per worker.",
-        lambda: {(worker,): running for worker, (running, _) in stats.items()}, ("worker",)))
-    first = registry.render()
-    stats["w0"] = (4, 8)
-    del stats["w1"]
-    assert first == (
-        "# HELP pdserve_worker_free_blocks Free KV blocks per decode worker.\n"
-        "# TYPE pdserve_worker_free_blocks gauge\n"
-        'pdserve_worker_free_blocks{worker="w0"} 12\n'
-        'pdserve_worker_free_blocks{worker="w1"} 40\n'
-        "# HELP pdserve_worker_steps_total Engine steps.\n"
-        "# TYPE pdserve_worker_steps_total counter\n"
-        "pdserve_worker_steps_total 7\n"
-        "# HELP pdserve_worker_running Running per worker.\n"
-        "# TYPE pdserve_worker_running gauge\n"
-        'pdserve_worker_running{worker="w0"} 3\n'
-        'pdserve_worker_running{worker="w1"} 0\n'
-    )
-    assert registry.render() == (
-        "# HELP pdserve_worker_free_blocks Free KV blocks per decode worker.\n"
-        "# TYPE pdserve_worker_free_blocks gauge\n"
-        'pdserve_worker_free_blocks{worker="w0"} 8\n'
-        "# HELP pdserve_worker_steps_total Engine steps.\n"
-        "# TYPE pdserve_worker_steps_total counter\n"
-        "pdserve_worker_steps_total 7\n"
-        "# HELP pdserve_worker_running Running per worker.\n"
-        "# TYPE pdserve_worker_running gauge\n"
-        'pdserve_worker_running{worker="w0"} 4\n'
-    )
+def starting_with(values: dict[str, float], prefix: str) -> dict[str, float]:
+    return {name: value for name, value in values.items() if name.startswith(prefix)}
 
 
-def test_callback_returning_the_wrong_number_of_label_values_is_refused():
-    gauge = CallbackGauge("g", "G.", lambda: {("w0", "extra"): 1}, ("worker",))
-    with pytest.raises(ValueError, match=r"g takes label values for \('worker',\)"):
-        gauge.render()
+WORKER_COUNTERS = ('pdserve_prefill_total{where="local"}', 'pdserve_prefill_total{where="remote"}',
+                   'pdserve_prefill_total{where="fallback"}',
+                   'pdserve_prompt_tokens_computed_total{role="decode"}',
+                   'pdserve_prompt_tokens_computed_total{role="prefill"}',
+                   "pdserve_kv_transfer_bytes_total")
 
 
-@pytest.mark.parametrize(("value", "text"), [
-    (0, "0"), (3, "3"), (3.0, "3"), (-2.0, "-2"), (0.25, "0.25"), (1e-05, "1e-05"),
-    (2.0**60, "1.152921504606847e+18"), (math.inf, "+Inf"), (-math.inf, "-Inf"),
-    (math.nan, "NaN"),
-])
-def test_values_render_as_prometheus_parses_them(value, text):
-    assert format_value(value) == text
+def worker_counters(values: dict[str, float]) -> tuple[float, ...]:
+    return tuple(values[name] for name in WORKER_COUNTERS)
 
 
-def test_counter_refuses_to_go_down():
-    counter = Counter("c_total", "C.", ("kind",))
-    counter.inc(2.5, labels=("a",))
-    with pytest.raises(ValueError, match=r"c_total is a counter: inc\(-1\) is invalid"):
-        counter.inc(-1, labels=("a",))
-    with pytest.raises(ValueError, match=r"inc\(nan\)"):
-        counter.inc(math.nan, labels=("a",))
-    assert counter.value(("a",)) == 2.5
+def test_families_keep_their_names_types_and_help():
+    text = asyncio.run(make_metrics().render()).decode()
+    families = [(f.name, f.type, f.documentation)
+                for f in text_string_to_metric_families(text) if not f.name.endswith("_created")]
+    assert families == [
+        ("pdserve_time_to_first_token_seconds", "histogram",
+         "From the HTTP request in to its first token out of the router."),
+        ("pdserve_inter_token_latency_seconds", "histogram",
+         "Gap between successive token chunks of a request, at the router."),
+        ("pdserve_e2e_request_latency_seconds", "histogram",
+         "From the HTTP request in to its last token out of the router."),
+        ("pdserve_router_overhead_seconds", "histogram",
+         "Time a request spends in the router: 'in' from the HTTP request to its Generate "
+         "on the request plane, 'out' from a token chunk's arrival to its SSE event "
+         "written (streamed requests)."),
+        # a counter's family is named without "_total"; its sample keeps it
+        ("pdserve_requests", "counter",
+         "Requests by how they ended: success, error, cancelled (the client left), "
+         "rejected (429), invalid (4xx)."),
+        ("pdserve_prefix_cache_hit_tokens", "counter",
+         "Prompt tokens of finished requests found in a decode worker's prefix cache."),
+        ("pdserve_prefill", "counter", "Prompts prefilled, by where: local (decode worker), "
+         "remote (prefill worker), fallback (remote failed, then local)."),
+        ("pdserve_prompt_tokens_computed", "counter",
+         "Prompt tokens run through the model, by role."),
+        ("pdserve_kv_transfer_bytes", "counter",
+         "Bytes of KV cache prefill workers wrote into decode workers."),
+        ("pdserve_queue_depth", "gauge", "Requests waiting in the router's admission queue."),
+        ("pdserve_requests_running", "gauge",
+         "Requests admitted and in flight to the workers."),
+        ("pdserve_kv_blocks_free", "gauge",
+         "Free KV blocks of each decode worker (its last load report)."),
+    ]
 
 
-def test_gauge_set_inc_dec():
-    gauge = Gauge("g", "G.", ("worker",))
-    gauge.set(10, labels=("w0",))
-    gauge.inc(2.5, labels=("w0",))
-    gauge.dec(labels=("w1",))
-    assert (gauge.value(("w0",)), gauge.value(("w1",)), gauge.value(("w2",))) == (12.5, -1, 0)
+def test_histograms_keep_their_buckets():
+    metrics = make_metrics()
+    metrics.overhead.labels("in").observe(0.0002)
+    text = asyncio.run(metrics.render()).decode()
+    bounds = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bounds[sample.name].append(float(sample.labels["le"]))
+    latency = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+               1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, math.inf]
+    assert dict(bounds) == {
+        "pdserve_time_to_first_token_seconds_bucket": latency,
+        "pdserve_inter_token_latency_seconds_bucket": latency,
+        "pdserve_e2e_request_latency_seconds_bucket": latency,
+        "pdserve_router_overhead_seconds_bucket": [
+            0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025,
+            0.05, 0.1, math.inf],
+    }
 
 
-def test_wrong_label_values_are_refused():
-    counter = Counter("c_total", "C.", ("route", "status"))
-    with pytest.raises(ValueError, match=r"takes label values for \('route', 'status'\), "
-                                         r"got \('200',\)"):
-        counter.inc(labels=("200",))
-    with pytest.raises(ValueError, match="takes label values"):
-        Gauge("g", "G.").set(1, labels=("x",))
+def test_each_observation_counts_once_into_its_buckets():
+    metrics = make_metrics()
+    before = scrape(metrics)
+    metrics.ttft.observe(0.25)
+    after_one = scrape(metrics)
+    metrics.ttft.observe(0.5)  # equal to a bound: counted in that bound's bucket
+    after_two = scrape(metrics)
+    name = "pdserve_time_to_first_token_seconds"
+    assert [values[f"{name}_count"] for values in (before, after_one, after_two)] == [0, 1, 2]
+    assert after_two[f"{name}_sum"] == 0.75
+    assert [after_two[f'{name}_bucket{{le="{le}"}}'] for le in ("0.2", "0.3", "0.5", "+Inf")] \
+        == [0, 1, 2, 2]
+    assert after_two["pdserve_inter_token_latency_seconds_count"] == 0
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: Counter("bad-name", "x"), "metric name 'bad-name' is invalid"),
-    (lambda: Counter("c", "x", ("__reserved",)), "label name '__reserved' of c"),
-    (lambda: Counter("c", "x", ("a", "a")), r"label names of c repeat: \('a', 'a'\)"),
-    (lambda: Histogram("h", "x", (1,), ("le",)), "label name 'le' of h"),
-    (lambda: Histogram("h", "x", ()), "buckets of h are invalid"),
-    (lambda: Histogram("h", "x", (1, math.inf)), r"\+Inf is added"),
-    (lambda: Histogram("h", "x", (1, 1)), "must increase strictly"),
-])
-def test_bad_definitions_are_refused(make, message):
-    with pytest.raises(ValueError, match=message):
-        make()
+def test_overhead_counts_by_direction():
+    metrics = make_metrics()
+    metrics.overhead.labels("in").observe(0.0001)
+    metrics.overhead.labels("in").observe(0.002)
+    metrics.overhead.labels("out").observe(0.0003)
+    values = scrape(metrics)
+    assert values['pdserve_router_overhead_seconds_count{direction="in"}'] == 2
+    assert values['pdserve_router_overhead_seconds_count{direction="out"}'] == 1
+    assert values['pdserve_router_overhead_seconds_bucket{direction="in",le="0.0001"}'] == 1
 
 
-def test_histogram_refuses_nan_and_registry_refuses_duplicates():
-    histogram = Histogram("h", "H.", (1,))
-    with pytest.raises(ValueError, match="h cannot observe NaN"):
-        histogram.observe(math.nan)
-    registry = Registry()
-    registry.register(histogram)
-    with pytest.raises(ValueError, match="a metric named h is already registered"):
-        registry.register(Gauge("h", "Another."))
+def test_requests_count_by_status_and_cached_tokens_add_up():
+    metrics = make_metrics()
+    assert starting_with(scrape(metrics), "pdserve_requests_total") == {}
+    assert scrape(metrics)["pdserve_prefix_cache_hit_tokens_total"] == 0
+    for status in ("success", "success", "invalid", "cancelled"):
+        metrics.requests.labels(status).inc()
+    metrics.cached_tokens.inc(16)
+    metrics.cached_tokens.inc(0)
+    metrics.cached_tokens.inc(32)
+    values = scrape(metrics)
+    assert starting_with(values, "pdserve_requests_total") == {
+        'pdserve_requests_total{status="success"}': 2,
+        'pdserve_requests_total{status="invalid"}': 1,
+        'pdserve_requests_total{status="cancelled"}': 1,
+    }
+    assert values["pdserve_prefix_cache_hit_tokens_total"] == 48
+
+
+def test_worker_counters_are_summed_by_role():
+    stats: list[WorkerStats] = [
+        decode_stats("decode0.0", local=3, remote=2, fallback=1, prompt_tokens_computed=40),
+        decode_stats("decode1.0", local=1, prompt_tokens_computed=8),
+        prefill_stats("prefill0.0", bytes_sent=4096, prompt_tokens_computed=64),
+        prefill_stats("prefill1.0", bytes_sent=1024, prompt_tokens_computed=16),
+    ]
+    values = scrape(make_metrics(lambda: stats))
+    assert worker_counters(values) == (4, 2, 1, 48, 80, 5120)
+
+
+def test_stats_are_told_apart_by_role_not_by_worker_id():
+    stats: list[WorkerStats] = [decode_stats("prefill-like", local=2, prompt_tokens_computed=5),
+                                prefill_stats("decode-like", bytes_sent=7,
+                                              prompt_tokens_computed=9)]
+    assert worker_counters(scrape(make_metrics(lambda: stats))) == (2, 0, 0, 5, 9, 7)
+
+
+def test_a_replaced_worker_keeps_its_last_counts_and_totals_never_go_down():
+    reports: list[list[WorkerStats]] = [
+        [decode_stats("decode0.0", local=3, remote=5, prompt_tokens_computed=30),
+         prefill_stats("prefill0.0", bytes_sent=1000, prompt_tokens_computed=50)],
+        # decode0.0 died; its successor decode0.1 starts from zero
+        [decode_stats("decode0.1", local=1, prompt_tokens_computed=4),
+         prefill_stats("prefill0.0", bytes_sent=1500, prompt_tokens_computed=70)],
+        # and prefill0.0 was replaced by prefill0.1
+        [decode_stats("decode0.1", local=2, remote=1, prompt_tokens_computed=9),
+         prefill_stats("prefill0.1", bytes_sent=10, prompt_tokens_computed=2)],
+    ]
+    metrics = make_metrics(lambda: reports.pop(0))
+    scrapes = [worker_counters(scrape(metrics)) for _ in range(3)]
+    assert scrapes == [(3, 5, 0, 30, 50, 1000),
+                       (4, 5, 0, 34, 70, 1500),
+                       (5, 6, 0, 39, 72, 1510)]
+    assert sorted(metrics.scrape_time.last_stats) == [
+        "decode0.0", "decode0.1", "prefill0.0", "prefill0.1"]
+
+
+def test_failed_stats_fetch_keeps_the_last_values(caplog):
+    calls = []
+
+    def worker_stats() -> list[WorkerStats]:
+        calls.append(None)
+        if len(calls) > 1:
+            raise RuntimeError("the cluster is restarting")
+        return [decode_stats("decode0.0", remote=2), prefill_stats("prefill0.0", bytes_sent=9)]
+
+    metrics = make_metrics(worker_stats)
+    first = scrape(metrics)
+    second = scrape(metrics)
+    assert worker_counters(first) == worker_counters(second) == (0, 2, 0, 0, 0, 9)
+    assert len(calls) == 2
+    assert "worker stats unavailable (the cluster is restarting)" in caplog.text
+
+
+def test_without_worker_stats_the_worker_counters_are_zero():
+    assert worker_counters(scrape(make_metrics(None))) == (0, 0, 0, 0, 0, 0)
+
+
+def test_gauges_are_read_at_scrape_time():
+    state = {"waiting": 3, "running": 2, "free": {"decode0.0": 12, "decode1.0": 40}}
+    metrics = make_metrics(queue_depth=lambda: state["waiting"],
+                           num_running=lambda: state["running"],
+                           free_blocks=lambda: state["free"])
+    first = scrape(metrics)
+    state.update(waiting=0, running=5, free={"decode0.0": 8})
+    second = scrape(metrics)
+    assert (first["pdserve_queue_depth"], first["pdserve_requests_running"]) == (3, 2)
+    assert (second["pdserve_queue_depth"], second["pdserve_requests_running"]) == (0, 5)
+    assert starting_with(first, "pdserve_kv_blocks_free") == {
+        'pdserve_kv_blocks_free{worker="decode0.0"}': 12,
+        'pdserve_kv_blocks_free{worker="decode1.0"}': 40}
+    assert starting_with(second, "pdserve_kv_blocks_free") == {
+        'pdserve_kv_blocks_free{worker="decode0.0"}': 8}
+
+
+def test_each_router_has_its_own_registry():
+    first, second = make_metrics(), make_metrics()
+    first.requests.labels("success").inc()
+    first.ttft.observe(0.1)
+    assert scrape(first)['pdserve_requests_total{status="success"}'] == 1
+    assert starting_with(scrape(second), "pdserve_requests_total") == {}
+    assert scrape(second)["pdserve_time_to_first_token_seconds_count"] == 0
+
+
+def test_router_metrics_does_not_import_the_router_service():
+    imported = set()  # every module and "module.name" it imports, TYPE_CHECKING ones too
+    for node in ast.walk(ast.parse(SOURCE.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    assert "pdserve.worker_stats" in imported  # the walk does see the imports
+    assert not {name for name in imported if name.startswith("router.service")}, imported

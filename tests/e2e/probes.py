@@ -1,0 +1,91 @@
+"""A probe that pauses a worker at a chosen point of a chosen request, for the e2e tests.
+
+The cluster hands ``HoldProbe`` to every worker (``launch(config, probe=...)``). It asks the
+test's ``Gate`` actor whether to stop only for the request ids it was built with, so other
+requests never leave the worker process. The test says ``holds.hold("leaver", 2)``: the
+decode loop then stops once "leaver" has sent its chunk with 2 output tokens (a prefill rank:
+once it posted layer 2 of "leaver"), until ``holds.release("leaver")``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import ray
+
+from pdserve.probe import Probe
+
+
+@ray.remote(num_cpus=0, max_concurrency=32)
+class Gate:
+    """Where held workers wait and the test releases them (threaded: ``arrive`` blocks)."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, int] = {}
+        self._arrived: dict[str, threading.Event] = defaultdict(threading.Event)
+        self._released: dict[str, threading.Event] = defaultdict(threading.Event)
+
+    def hold(self, request_id: str, point: int) -> None:
+        self._targets[request_id] = point
+        self._arrived[request_id] = threading.Event()
+        self._released[request_id] = threading.Event()
+
+    def should_hold(self, request_id: str, point: int) -> bool:
+        return self._targets.get(request_id) == point
+
+    def arrive(self, request_id: str) -> None:
+        released = self._released[request_id]
+        self._arrived[request_id].set()
+        released.wait()
+
+    def wait_arrived(self, request_id: str, timeout_s: float) -> bool:
+        return self._arrived[request_id].wait(timeout_s)
+
+    def release(self, request_id: str) -> None:
+        self._targets.pop(request_id, None)
+        self._released[request_id].set()
+
+
+class HoldProbe(Probe):
+    """Stops at ``(request_id, point)`` when the gate says so, for the named requests only."""
+
+    def __init__(self, gate, request_ids: frozenset[str]):
+        self.gate = gate
+        self.request_ids = request_ids
+
+    def after_output(self, request_id: str, num_output_tokens: int) -> None:
+        self._maybe_hold(request_id, num_output_tokens)
+
+    def after_layer(self, request_id: str, layer: int) -> None:
+        self._maybe_hold(request_id, layer)
+
+    def _maybe_hold(self, request_id: str, point: int) -> None:
+        if request_id in self.request_ids and ray.get(
+                self.gate.should_hold.remote(request_id, point)):
+            ray.get(self.gate.arrive.remote(request_id))
+
+
+class Holds:
+    """The test's side: make the probe, hold, wait until held, release."""
+
+    def __init__(self, *request_ids: str):
+        self.gate = Gate.remote()
+        self.request_ids = frozenset(request_ids)
+        self.last = ""  # the latest held request: what wait_holding and release default to
+
+    def probe(self) -> HoldProbe:
+        return HoldProbe(self.gate, self.request_ids)
+
+    def hold(self, request_id: str, point: int) -> None:
+        if request_id not in self.request_ids:
+            raise ValueError(f"{request_id!r} is not one of the probe's {sorted(self.request_ids)}")
+        ray.get(self.gate.hold.remote(request_id, point))
+        self.last = request_id
+
+    def wait_holding(self, request_id: str = "", timeout_s: float = 120.0) -> bool:
+        """True once a worker stopped at the point (False: it never got there in time)."""
+        return ray.get(self.gate.wait_arrived.remote(request_id or self.last, timeout_s))
+
+    def release(self, request_id: str = "") -> None:
+        ray.get(self.gate.release.remote(request_id or self.last))
