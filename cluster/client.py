@@ -111,7 +111,8 @@ class ClusterClient:
         return Stream(handle, chunks)
 
     def cancel(self, stream: Stream) -> None:
-        self._net.loop.call_soon_threadsafe(self._links.cancel, stream.handle)
+        """Stop the request; its stream still ends with the worker's last chunk."""
+        self._net.loop.call_soon_threadsafe(self._links.stop, stream.handle)
 
     def close(self) -> None:
         with self._lock:

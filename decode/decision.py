@@ -14,11 +14,15 @@ from pdserve.choices import DisaggMode
 
 
 class Where(Enum):
+    """Where a request's prefill runs: on this decode worker or on a prefill worker."""
+
     LOCAL = "local"
     REMOTE = "remote"
 
 
 class Reason(Enum):
+    """The rule that decided; its value labels the decision counts in the worker stats."""
+
     MODE_NEVER = "mode_never"
     MODE_ALWAYS = "mode_always"
     SHORT_UNCACHED = "short_uncached"  # uncached_tokens <= max_local_prefill_tokens
@@ -30,6 +34,8 @@ class Reason(Enum):
 
 
 class Decision(NamedTuple):
+    """Where a prefill runs and the rule that chose it."""
+
     where: Where
     reason: Reason
 

@@ -28,6 +28,7 @@ from engine.rank_group import RankGroup
 from engine.request import Request
 from kvtransfer.consumer import EventKind
 from pdserve import protocol
+from pdserve.choices import DisaggMode
 from pdserve.probe import Probe
 from pdserve.protocol import FinishReason
 from pdserve.transport import Connection, Dialer, resident_bytes
@@ -45,7 +46,7 @@ class DecodeOptions:
     """What a decode worker needs of the cluster config (plain values, DESIGN.md step 3)."""
 
     worker_id: str
-    disagg_mode: str
+    disagg_mode: DisaggMode
     max_local_prefill_tokens: int
     max_prefill_queue: int
     max_remote_reserved_blocks: int | None

@@ -39,6 +39,9 @@ class DecodeGroup:
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    """How a flat batch of ``T`` tokens uses the pool: where each token's K/V is written
+    (block, offset in it), then what its decode groups and prefill chunks attend over."""
+
     write_block_ids: torch.Tensor  # [T] block of each token's KV
     write_offsets: torch.Tensor  # [T] slot within that block
     decodes: list[DecodeGroup]

@@ -25,6 +25,9 @@ from pdserve.protocol import KVEvent, KVEventKind
 
 @dataclass(slots=True)
 class Block:
+    """One pool block's bookkeeping: how many requests hold it and, once it is full and
+    cached, its hash and its token ids (compared on a hit to guard against collisions)."""
+
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None

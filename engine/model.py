@@ -27,6 +27,8 @@ from engine.rotary import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, in float32; ``[..., size]`` in and out."""
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
@@ -40,6 +42,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """One layer's self-attention over this rank's heads: fused q/k/v (column-parallel),
+    rotary, paged attention, ``o_proj`` (row-parallel, all-reduced); ``[T, hidden]`` in
+    and out."""
+
     def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
                  dtype: torch.dtype):
         super().__init__()
@@ -71,6 +77,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward over this rank's slice of ``intermediate_size``: fused gate/up
+    (column-parallel), ``down_proj`` (row-parallel, all-reduced); ``[T, hidden]`` in and out."""
+
     def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype):
         super().__init__()
         if config.intermediate_size % tp.size:
@@ -90,6 +99,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``;
+    ``[T, hidden]`` in and out."""
+
     def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
                  dtype: torch.dtype):
         super().__init__()

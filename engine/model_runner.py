@@ -36,6 +36,9 @@ class SequenceInput:
 
 @dataclass(slots=True)
 class ModelInput:
+    """One step's batch in plain Python (no tensors), so the driver rank can broadcast it
+    to the other tensor-parallel ranks as is."""
+
     sequences: list[SequenceInput]
 
 

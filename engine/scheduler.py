@@ -33,6 +33,9 @@ class ScheduledRequest:
 
 @dataclass(slots=True)
 class SchedulerOutput:
+    """One step's plan: the requests to compute (decodes first, then prefill chunks)
+    and the running requests preempted to free blocks (recomputed later)."""
+
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 

@@ -48,6 +48,9 @@ def _create_agent(name: str) -> Any:
     base = api.nixlBind.nixlAgentConfig
 
     class DelayedConfig(base):
+        """NIXL's agent config whose ``pthrDelay`` setter stores PROGRESS_THREAD_DELAY_US,
+        whatever it is given."""
+
         pthrDelay = property(base.pthrDelay.__get__,
                              lambda self, _: base.pthrDelay.__set__(self,
                                                                    PROGRESS_THREAD_DELAY_US))

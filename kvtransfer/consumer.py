@@ -29,12 +29,17 @@ logger = logging.getLogger(__name__)
 
 
 class EventKind(Enum):
+    """What ``KVConsumer.poll`` reports about one attempt at a request's remote KV."""
+
     LANDED = "landed"  # every sender's writes completed: run the last prompt token
     FAILED = "failed"  # give up on this attempt (fall back); blocks not yet reusable
     RELEASED = "released"  # after FAILED or cancel: no write can land any more
 
 
 class TransferEvent(NamedTuple):
+    """One change in a request attempt's remote KV; ``reason`` says why it failed
+    (empty when it landed)."""
+
     request_id: str
     attempt: int
     kind: EventKind

@@ -62,12 +62,18 @@ class Destination:
 
 
 class NoticeKind(Enum):
+    """What a sender's notice says about its writes for one request attempt."""
+
     DONE = "done"  # every write this sender posted for the request has completed
     FAILED = "failed"  # the sender gave up; none of its writes is still in flight
     CANCELLED = "cancelled"  # cancel honoured; none of its writes is still in flight
 
 
 class Notice(NamedTuple):
+    """A prefill rank's (``src_rank``) last word on one request attempt, sent to decode
+    rank 0 over NIXL once its writes (``num_bytes`` in all) are no longer in flight;
+    ``encode``/``decode`` give its versioned msgpack form."""
+
     kind: NoticeKind
     request_id: str
     attempt: int

@@ -28,11 +28,16 @@ from pdserve.config import lands_in_staging
 
 
 class Source(Enum):
+    """Where a sending rank's wire bytes are read from: its pool or a registered fp8 buffer."""
+
     POOL = "pool"
     SEND_BUFFER = "send_buffer"  # a pool in the model dtype quantized for an fp8 wire
 
 
 class Target(Enum):
+    """Where wire bytes land on the receiving rank: its pool, or a registered fp8 staging
+    area dequantized on arrival."""
+
     POOL = "pool"
     STAGING = "staging"  # an fp8 wire into a pool in the model dtype
 

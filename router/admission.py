@@ -26,6 +26,9 @@ class _Waiter:
 
 
 class Admission:
+    """At most ``max_running`` requests in flight and ``max_queue`` waiting, served by
+    priority then arrival. Event-loop only: not thread-safe."""
+
     def __init__(self, max_running: int, max_queue: int):
         if max_running < 1:
             raise ValueError(f"max_running={max_running} is invalid: must be >= 1")

@@ -165,6 +165,13 @@ class DecodeLinks:
             self.retired[handle.wire_id] = handle.worker_id
             link.connection.send(protocol.Cancel(handle.wire_id))
 
+    def stop(self, handle: RequestHandle) -> None:
+        """Ask the worker to stop the request but keep reading it: its last chunk (``abort``,
+        or ``stop``/``length`` when it finished first) still arrives on the handle."""
+        link = self.links.get(handle.worker_id)
+        if not handle.is_done and link is not None:
+            link.connection.send(protocol.Cancel(handle.wire_id))
+
     def finish(self, handle: RequestHandle) -> None:
         self._forget(handle)
 

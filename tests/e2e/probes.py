@@ -3,8 +3,9 @@
 The cluster hands ``HoldProbe`` to every worker (``launch(config, probe=...)``). It asks the
 test's ``Gate`` actor whether to stop only for the request ids it was built with, so other
 requests never leave the worker process. The test says ``holds.hold("leaver", 2)``: the
-decode loop then stops once "leaver" has sent its chunk with 2 output tokens (a prefill rank:
-once it posted layer 2 of "leaver"), until ``holds.release("leaver")``.
+decode loop then stops once "leaver" has sent its chunk with 2 output tokens, until
+``holds.release("leaver")``; ``holds.hold("leaver", 2, PREFILL)`` stops a prefill rank once
+it posted layer 2 of "leaver".
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ import ray
 
 from pdserve.probe import Probe
 
+DECODE, PREFILL = "decode", "prefill"  # where a hold applies
+
 
 @ray.remote(num_cpus=0, max_concurrency=32)
 class Gate:
     """Where held workers wait and the test releases them (threaded: ``arrive`` blocks)."""
 
     def __init__(self) -> None:
-        self._targets: dict[str, int] = {}
+        self._targets: dict[str, tuple[str, int]] = {}
         self._arrived: dict[str, threading.Event] = defaultdict(threading.Event)
         self._released: dict[str, threading.Event] = defaultdict(threading.Event)
 
-    def hold(self, request_id: str, point: int) -> None:
-        self._targets[request_id] = point
+    def hold(self, request_id: str, where: str, point: int) -> None:
+        self._targets[request_id] = (where, point)
         self._arrived[request_id] = threading.Event()
         self._released[request_id] = threading.Event()
 
-    def should_hold(self, request_id: str, point: int) -> bool:
-        return self._targets.get(request_id) == point
+    def should_hold(self, request_id: str, where: str, point: int) -> bool:
+        return self._targets.get(request_id) == (where, point)
 
     def arrive(self, request_id: str) -> None:
         released = self._released[request_id]
@@ -55,14 +58,14 @@ class HoldProbe(Probe):
         self.request_ids = request_ids
 
     def after_output(self, request_id: str, num_output_tokens: int) -> None:
-        self._maybe_hold(request_id, num_output_tokens)
+        self._maybe_hold(request_id, DECODE, num_output_tokens)
 
     def after_layer(self, request_id: str, layer: int) -> None:
-        self._maybe_hold(request_id, layer)
+        self._maybe_hold(request_id, PREFILL, layer)
 
-    def _maybe_hold(self, request_id: str, point: int) -> None:
+    def _maybe_hold(self, request_id: str, where: str, point: int) -> None:
         if request_id in self.request_ids and ray.get(
-                self.gate.should_hold.remote(request_id, point)):
+                self.gate.should_hold.remote(request_id, where, point)):
             ray.get(self.gate.arrive.remote(request_id))
 
 
@@ -77,10 +80,10 @@ class Holds:
     def probe(self) -> HoldProbe:
         return HoldProbe(self.gate, self.request_ids)
 
-    def hold(self, request_id: str, point: int) -> None:
+    def hold(self, request_id: str, point: int, where: str = DECODE) -> None:
         if request_id not in self.request_ids:
             raise ValueError(f"{request_id!r} is not one of the probe's {sorted(self.request_ids)}")
-        ray.get(self.gate.hold.remote(request_id, point))
+        ray.get(self.gate.hold.remote(request_id, where, point))
         self.last = request_id
 
     def wait_holding(self, request_id: str = "", timeout_s: float = 120.0) -> bool:

@@ -29,7 +29,7 @@ from tests.e2e.cluster_harness import (
     wait_for,
     worker_stats,
 )
-from tests.e2e.probes import Holds
+from tests.e2e.probes import PREFILL, Holds
 from tests.unit.engine_oracle import hf_greedy, random_prompts, top1_margin
 
 MIN_TOP1_MARGIN = 2e-3
@@ -146,7 +146,7 @@ def test_many_concurrent_requests_complete_and_return_every_block(cluster, model
 
 def test_cancel_while_kv_in_flight_frees_blocks_only_after_prefill_confirms(holds, cluster, model):
     (prompt,) = random_prompts([96], model.vocab_size, seed=3)
-    holds.hold("cancel-me", 0)
+    holds.hold("cancel-me", 0, PREFILL)
     stream = cluster.submit(prompt, GREEDY, request_id="cancel-me")
     assert holds.wait_holding()
     cluster.client.cancel(stream)
@@ -229,11 +229,12 @@ def test_prefill_worker_killed_while_holding_a_job_falls_back_and_restarts(holds
         cluster, model, tiny_llama_dir):
     prompts = random_prompts([100, 90], model.vocab_size, seed=4)
     expected = offline_greedy(tiny_llama_dir, prompts)
-    holds.hold("doomed", 1)
+    holds.hold("doomed", 1, PREFILL)
     stream = cluster.submit(prompts[0], GREEDY, request_id="doomed")
     assert holds.wait_holding()
     fallbacks = _decode(cluster).prefills.fallback
     kill_rank(cluster, Role.PREFILL, 0)
+    holds.release()  # the killed ranks\' waits at the gate end
     assert stream.result(timeout_s=120).token_ids == expected[0]
     assert _decode(cluster).prefills.fallback == fallbacks + 1
     wait_for(lambda: cluster.num_restarts == 1, "the prefill group to restart")
@@ -273,5 +274,5 @@ def test_a_placement_ray_cannot_satisfy_fails_with_a_clear_error(ray_session, ti
 def test_invalid_config_fails_at_launch_naming_the_field(ray_session, tiny_llama_dir):
     config = dataclasses.replace(cluster_config(tiny_llama_dir),
                                  decode=DecodeConfig(tensor_parallel_size=3))
-    with pytest.raises(ValueError, match=r"decode.tensor_parallel_size=3"):
+    with pytest.raises(ValueError, match=r"decode.tensor_parallel_size: 3 is invalid"):
         launch(config)

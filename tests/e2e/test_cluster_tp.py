@@ -20,7 +20,7 @@ from tests.e2e.cluster_harness import (
     wait_for,
     worker_stats,
 )
-from tests.e2e.probes import Holds
+from tests.e2e.probes import PREFILL, Holds
 from tests.unit.engine_oracle import random_prompts
 
 LENGTHS = [100, 12, 70, 45]  # remote, local, remote, remote (threshold 32)
@@ -51,10 +51,11 @@ def test_tensor_parallel_pairs_give_the_tp1_tokens(ray_session, tiny_llama_dir, 
 
 
 def _kill_one_rank_of_the_prefill_group(cluster, holds, prompts, expected):
-    holds.hold("doomed", 0)
+    holds.hold("doomed", 0, PREFILL)
     stream = cluster.submit(prompts[0], GREEDY, request_id="doomed")
     assert holds.wait_holding()
     kill_rank(cluster, Role.PREFILL, 0, rank=1)
+    holds.release()  # the killed ranks\' waits at the gate end
     assert stream.result(timeout_s=120).token_ids == expected[0]
     wait_for(lambda: cluster.num_restarts == 1, "the prefill group to restart")
     (decode,) = worker_stats(cluster, Role.DECODE)

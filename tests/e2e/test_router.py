@@ -27,7 +27,7 @@ from tests.e2e.cluster_harness import (
     wait_for,
     worker_stats,
 )
-from tests.e2e.probes import Holds
+from tests.e2e.probes import PREFILL, Holds
 
 MAX_TOKENS = 12
 LONG_PROMPT = ("The decode worker looks at how much of the prompt it already holds, and when "
@@ -356,7 +356,7 @@ def test_an_id_reused_while_its_cancel_is_in_flight_gets_only_its_own_tokens(hol
 def test_client_disconnect_during_remote_prefill_cancels_the_job(holds, cluster, server, model_name,
                                                                  tiny_tokenizer):
     prompt = fresh_long_prompt("leaver")
-    holds.hold("leaver-remote", 0)
+    holds.hold("leaver-remote", 0, PREFILL)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "leaver-remote"},
                          json={"model": model_name, "prompt": prompt, "max_tokens": 8,
@@ -380,7 +380,7 @@ def test_admission_queues_then_answers_429_when_full(holds, cluster, model_name)
                       "priority": priority})
 
     with RouterThread(cluster, max_running=1, max_queue=2) as server:
-        holds.hold("first", 0)
+        holds.hold("first", 0, PREFILL)
         threads = [threading.Thread(target=call, args=("first", fresh_long_prompt("first"), 0))]
         threads[0].start()
         assert holds.wait_holding()  # "first" holds the one slot

@@ -20,7 +20,7 @@ from tests.e2e.cluster_harness import (
     offline_greedy,
     wait_for,
 )
-from tests.e2e.probes import Holds
+from tests.e2e.probes import PREFILL, Holds
 
 PREFIX_BLOCKS = 3
 NUM_GROUPS = 4
@@ -105,7 +105,7 @@ def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(holds,
     when it dies: the router sends the request to the other decode worker."""
     prompt = [(5 * i) % 300 + 60 for i in range(100)]  # long: prefilled remotely
     (expected,) = offline_greedy(tiny_llama_dir, [prompt], 6)
-    holds.hold("moved", 0)
+    holds.hold("moved", 0, PREFILL)
     result: dict = {}
 
     def call() -> None:

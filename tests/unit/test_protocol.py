@@ -217,7 +217,8 @@ MALFORMED = {
         "Generate.prompt_token_ids: Expected `int`, got `str` - at `$[2][1]`"),
     "max-tokens-0": (
         broken(SAMPLES[protocol.Generate], (3, 0), 0),
-        "Generate.sampling: max_tokens=0 is invalid: must be an integer in [1, 2147483647] or None - at `$[3]`"),
+        "Generate.sampling: max_tokens=0 is invalid: must be an integer in [1, 2147483647] "
+        "or None - at `$[3]`"),
     "top-p-2": (
         broken(SAMPLES[protocol.Generate], (3, 3), 2.0),
         "Generate.sampling: top_p=2.0 is invalid: must be in (0, 1] - at `$[3]`"),

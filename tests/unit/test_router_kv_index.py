@@ -107,7 +107,8 @@ def test_overlapping_batch_applies_only_its_new_part():
     index.apply_snapshot(KVSnapshot("w0", 2, [a]))
     # Events 0 and 1 count as already reflected in the snapshot: removing a there must not
     # be applied again.
-    batch = KVEvents("w0", 0, [KVEvent(STORED, b), KVEvent(REMOVED, a), KVEvent(STORED, b), KVEvent(STORED, c)])
+    batch = KVEvents("w0", 0, [KVEvent(STORED, b), KVEvent(REMOVED, a), KVEvent(STORED, b),
+                               KVEvent(STORED, c)])
     assert index.apply_events(batch) is True
     assert index.cached_hashes("w0") == [a, b, c]
     # Expected next: 4, so a batch at 4 applies and one at 6 is a gap.
