@@ -85,6 +85,7 @@ class DecodeLinks:
         self.retired: dict[str, str] = {}  # cancelled wire id -> its worker, until confirmed
         self.num_resubmitted = 0
         self._suffixes = itertools.count(1)
+        self._is_closing = False  # links closed on purpose: not a lost worker
 
     @property
     def ready_workers(self) -> list[str]:
@@ -135,6 +136,7 @@ class DecodeLinks:
             link.connection.close()  # _on_close moves or fails its requests
 
     def close(self) -> None:
+        self._is_closing = True
         for link in list(self.links.values()):
             link.connection.close()
 
@@ -244,7 +246,8 @@ class DecodeLinks:
         if not link.synced.done():
             link.synced.set_exception(ConnectionError(f"decode worker {worker_id} went away"))
             link.synced.exception()  # retrieved: nobody may be waiting for it any more
-        logger.warning("router: lost decode worker %s", worker_id)
+        if not self._is_closing:
+            logger.warning("router: lost decode worker %s", worker_id)
         self.retired = {r: w for r, w in self.retired.items() if w != worker_id}
         for handle in [h for h in self.requests.values() if h.worker_id == worker_id]:
             self.index.finish_request(handle.wire_id)
