@@ -41,10 +41,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import ray
 
 from cluster.launcher import Cluster, launch
 from pdserve.config import ClusterConfig, DecodeConfig, PrefillConfig
+from pdserve.worker_stats import Role
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stats import cpu_name, git_commit, summarize  # noqa: E402
@@ -223,8 +225,9 @@ def run_side(model_dir: Path, name: str, wire: str | None, args,
         quiet = run_decodes(cluster, source, None)
         figures.update({f"quiet_{k}": quiet[k] for k in ("itl_p50_ms", "itl_p99_ms")})
         figures.update(run_decodes(cluster, source, args.prompt_tokens))
-        (counters,) = cluster.stats("decode").values()
-        prefill_counters = list(cluster.stats("prefill").values())
+        # typed stats as plain data, for the JSON and the path checks
+        (counters,) = msgspec.to_builtins(cluster.worker_stats(Role.DECODE))
+        prefill_counters = msgspec.to_builtins(cluster.worker_stats(Role.PREFILL))
     num_long = NUM_WARMUP_REQUESTS + args.trials + figures["num_long_prompts"]
     num_short = 2 * NUM_DECODES  # the quiet run's and the loaded run's
     figures["counters"] = {k: counters[k] for k in ("decisions", "prefills",
