@@ -194,12 +194,13 @@ class _GroupExecutor:
     """The engine's executor over a rank group: every rank runs the step."""
 
     def __init__(self, group):
+        from decode.rank import DecodeRank  # in the actor process only (torch)
+
         self.group = group
+        self._execute = DecodeRank.execute  # resolved once, not on every engine step
 
     def execute(self, batch):
-        from decode.rank import DecodeRank
-
-        return self.group.call(DecodeRank.execute, batch)
+        return self.group.call(self._execute, batch)
 
     def shutdown(self) -> None:
         pass
