@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.checkpoint_files import read_json
-from pdserve.choices import DEVICES, KV_CACHE_DTYPES, MODEL_DTYPES, check_fields, setting
+from pdserve.choices import (
+    ATTENTION_BACKENDS,
+    DEVICES,
+    KV_CACHE_DTYPES,
+    MODEL_DTYPES,
+    check_fields,
+    setting,
+)
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -150,6 +157,7 @@ class EngineConfig:
     tensor_parallel_size: int = setting(1, minimum=1)
     num_threads: int | None = setting(None, minimum=1)
     seed: int = setting(0, minimum=0)
+    attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS)
 
     def __post_init__(self) -> None:
         check_fields(self, message="{name}={value!r} is invalid: must be {expected}")

@@ -9,6 +9,7 @@ is a single registration.
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import torch
@@ -59,6 +60,25 @@ class PoolRows(NamedTuple):
     num_table_blocks: int
 
 
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE = 2 << 20
+
+
+def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; in CPU memory, backed by transparent huge pages where the kernel
+    offers them: attention reads the pool in block-sized pieces scattered over all of it,
+    and 4 KiB pages would cost a TLB miss on most of them."""
+    pool = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu" and pool.nbytes >= _HUGE_PAGE:
+        libc = ctypes.CDLL(None, use_errno=True)
+        first = -(-pool.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        length = (pool.data_ptr() + pool.nbytes - first) // _HUGE_PAGE * _HUGE_PAGE
+        if length > 0:  # advice only: without huge pages the pool works the same
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+    return pool.zero_()
+
+
 class KVCache:
     """K and V blocks for every layer of one tensor-parallel rank."""
 
@@ -73,8 +93,8 @@ class KVCache:
         # zeros, not empty: a decode reads whole blocks and masks the unused slots, and a
         # masked NaN left over in uninitialised memory would still poison the softmax sum.
         # [num_layers, 2 (K, V), num_blocks, kv_heads, block_size, head_dim]
-        self.data = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
-                                dtype=storage, device=device)
+        self.data = _zeroed_pool((num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim),
+                                 storage, torch.device(device))
         # [num_layers, 2, num_blocks, kv_heads, block_size]
         self.scales = (torch.ones(num_layers, 2, num_blocks, num_kv_heads, block_size,
                                   dtype=torch.float32, device=device) if self.is_fp8 else None)

@@ -16,6 +16,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.linear import linear
 from engine.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -153,7 +154,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[S, hidden]`` -> float32 logits ``[S, vocab]``."""
-        return nn.functional.linear(self.norm(hidden), self.lm_head).float()
+        return linear(self.norm(hidden), self.lm_head).float()
 
     def expected_tensor_names(self) -> set[str]:
         names = {"model.embed_tokens.weight", "model.norm.weight"}

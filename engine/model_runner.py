@@ -12,16 +12,12 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from engine.attention import AttentionMetadata, SequenceSpan, make_backend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.parallel import TensorParallel, local_kv_heads
 from engine.weights import load_weights
-
-# Decodes attend in groups this large: large enough to batch the kernels, small enough that
-# sorting by length leaves little padding to gather.
-DECODE_GROUP_SIZE = 16
 
 
 @dataclass(slots=True)
@@ -54,6 +50,7 @@ class RunnerOptions:
     block_size: int
     kv_cache_dtype: str
     max_model_len: int
+    attention_backend: str = "auto"
 
 
 class ModelRunner:
@@ -72,6 +69,8 @@ class ModelRunner:
         self.kv_cache = KVCache(self.config.num_layers, options.num_blocks, num_kv_heads,
                                 options.block_size, self.config.head_dim, self.dtype,
                                 options.kv_cache_dtype, self.device)
+        self.attention = make_backend(options.attention_backend, self.kv_cache,
+                                      self.config.num_heads // tp.size, self.dtype, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ModelInput,
@@ -83,15 +82,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logit_rows])
 
     def _prepare(self, batch: ModelInput):
-        # Decodes (one query token) first, shortest context first, then prefill chunks.
+        # Decodes (one query token) first, shortest context first, then prefill chunks: the
+        # reference backend batches adjacent decodes of similar length.
         order = sorted(range(len(batch.sequences)), key=lambda i: (
             len(batch.sequences[i].token_ids) != 1, batch.sequences[i].start))
         block_size = self.options.block_size
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_tables: list[list[int]] = []
-        prefills: list[PrefillChunk] = []
+        spans: list[SequenceSpan] = []
         last_row: dict[int, int] = {}
         for index in order:
             seq = batch.sequences[index]
@@ -102,35 +101,18 @@ class ModelRunner:
             slots += [seq.block_ids[p // block_size] * block_size + p % block_size
                       for p in seq_positions]
             table = seq.block_ids[: -(-(seq.start + count) // block_size)]
-            if count == 1:
-                decode_tables.append(table)
-            else:
-                prefills.append(PrefillChunk(row, seq.start, count,
-                                             self.kv_cache.rows_for(self._tensor([table]))))
+            spans.append(SequenceSpan(row, seq.start, count, table))
             last_row[index] = row + count - 1
         slot_tensor = self._tensor(slots)
         meta = AttentionMetadata(
             write_block_ids=slot_tensor // block_size,
             write_offsets=slot_tensor % block_size,
-            decodes=self._decode_groups(decode_tables, positions),
-            prefills=prefills,
+            backend=self.attention,
+            plan=self.attention.plan(spans),
         )
         logit_rows = [last_row[i] for i, seq in enumerate(batch.sequences) if seq.needs_logits]
         return (self._tensor(token_ids), self._tensor(positions), meta,
                 self._tensor(logit_rows))
-
-    def _decode_groups(self, tables: list[list[int]], positions: list[int]) -> list[DecodeGroup]:
-        """Decodes (sorted by length) in groups of DECODE_GROUP_SIZE, each padded only to its
-        own longest table."""
-        groups = []
-        for row in range(0, len(tables), DECODE_GROUP_SIZE):
-            group = tables[row : row + DECODE_GROUP_SIZE]
-            width = max(len(t) for t in group)
-            groups.append(DecodeGroup(
-                row, self.kv_cache.rows_for(
-                    self._tensor([t + [0] * (width - len(t)) for t in group])),
-                self._tensor([p + 1 for p in positions[row : row + len(group)]])))
-        return groups
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

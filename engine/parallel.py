@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.linear import linear
+
 
 @dataclass(frozen=True, slots=True)
 class TensorParallel:
@@ -78,7 +80,7 @@ class ColumnParallelLinear(nn.Module):
         target[self.offsets[shard] : self.offsets[shard] + rows].copy_(full[first : first + rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -99,4 +101,4 @@ class RowParallelLinear(nn.Module):
         self.weight.copy_(full[:, start : start + self.local_in])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(nn.functional.linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight))

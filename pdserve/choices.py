@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model dtype; fp8: float8_e4m3fn, 
 KV_TRANSFER_DTYPES = ("fp8", "auto")  # the wire: fp8 with its scales, or the model dtype
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bf16 on CUDA
 DEVICES = ("cpu", "cuda", "cuda:N")  # cuda:N is one GPU by index, e.g. cuda:1
+ATTENTION_BACKENDS = ("auto", "reference", "paged")  # auto: paged where a kernel runs
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -1,0 +1,138 @@
+// y [M, N] = x [M, K] @ w [N, K]^T for a few rows of x (decode: M is the batch, 1 to 8).
+//
+// At such M a linear layer is a stream over its weights: each weight is used M times and
+// then never again this step, so the bound is memory bandwidth. BLAS GEMV reached about 11
+// GB/s from DRAM on one thread of the development machine against about 26 GB/s for a plain
+// sum over the same bytes; this kernel streams four weight rows at a time, keeps the rows'
+// M dot products in registers, and reaches close to the sum's rate (docs/benchmarks.md).
+// Weights in float32 or bfloat16 (widened in registers, so bf16 moves half the bytes);
+// x and y in float32 or bfloat16; the sums are float32.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using namespace pdserve;
+
+enum DType { F32 = 0, BF16 = 1 };
+
+constexpr int kMaxRows = 8;
+
+template <int W>
+inline v16 load_w(const void* w, int64_t index) {
+    if constexpr (W == F32) return load16(static_cast<const float*>(w) + index);
+    else return load16_bf16(static_cast<const uint16_t*>(w) + index);
+}
+
+template <int W>
+inline float scalar_w(const void* w, int64_t index) {
+    if constexpr (W == F32) return static_cast<const float*>(w)[index];
+    else return bf16_to_float(static_cast<const uint16_t*>(w)[index]);
+}
+
+// Output columns [n0, n0 + R) for all M rows; x is float32 [M, K] (in cache).
+template <int W, int M, int R>
+inline void columns(const float* x, const void* w, int64_t n0, int64_t K, float* y,
+                    int64_t y_stride) {
+    v16 acc[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = v16{};
+    const int64_t body = K - K % 16;
+    for (int64_t k = 0; k < body; k += 16) {
+        v16 weights[R];
+        for (int r = 0; r < R; ++r) weights[r] = load_w<W>(w, (n0 + r) * K + k);
+        for (int m = 0; m < M; ++m) {
+            const v16 xv = load16(x + m * K + k);
+            for (int r = 0; r < R; ++r) acc[r][m] += weights[r] * xv;
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        for (int m = 0; m < M; ++m) {
+            float sum = sum16(acc[r][m]);
+            for (int64_t k = body; k < K; ++k) sum += scalar_w<W>(w, (n0 + r) * K + k) * x[m * K + k];
+            y[m * y_stride + n0 + r] = sum;
+        }
+    }
+}
+
+template <int W, int M>
+void gemm_rows(const float* x, const void* w, int64_t n_begin, int64_t n_end, int64_t K,
+               float* y, int64_t N) {
+    // Four weight rows at a time while M is small enough to keep 4 * M sums in registers.
+    constexpr int R = M <= 4 ? 4 : 2;
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R) columns<W, M, R>(x, w, n, K, y, N);
+    for (; n < n_end; ++n) columns<W, M, 1>(x, w, n, K, y, N);
+}
+
+template <int W>
+void gemm(int64_t M, const float* x, const void* w, int64_t n_begin, int64_t n_end, int64_t K,
+          float* y, int64_t N) {
+    switch (M) {
+        case 1: gemm_rows<W, 1>(x, w, n_begin, n_end, K, y, N); break;
+        case 2: gemm_rows<W, 2>(x, w, n_begin, n_end, K, y, N); break;
+        case 3: gemm_rows<W, 3>(x, w, n_begin, n_end, K, y, N); break;
+        case 4: gemm_rows<W, 4>(x, w, n_begin, n_end, K, y, N); break;
+        case 5: gemm_rows<W, 5>(x, w, n_begin, n_end, K, y, N); break;
+        case 6: gemm_rows<W, 6>(x, w, n_begin, n_end, K, y, N); break;
+        case 7: gemm_rows<W, 7>(x, w, n_begin, n_end, K, y, N); break;
+        default: gemm_rows<W, 8>(x, w, n_begin, n_end, K, y, N); break;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, 1 if M is outside [1, 8]. x [M, K] and y [M, N] contiguous in
+// x_type (float32 or bfloat16); w [N, K] contiguous in w_type.
+int pdserve_small_gemm(int w_type, int x_type, const void* x, const void* w, void* y, int64_t M,
+                       int64_t N, int64_t K, int num_threads) {
+    if (M < 1 || M > kMaxRows) return 1;
+    std::vector<float> x32;
+    const float* xf = static_cast<const float*>(x);
+    if (x_type == BF16) {
+        x32.resize(M * K);
+        const uint16_t* src = static_cast<const uint16_t*>(x);
+        for (int64_t i = 0; i < M * K; ++i) x32[i] = bf16_to_float(src[i]);
+        xf = x32.data();
+    }
+    std::vector<float> y32;
+    float* yf = static_cast<float*>(y);
+    if (x_type == BF16) {
+        y32.resize(M * N);
+        yf = y32.data();
+    }
+    // Threads take contiguous column ranges, a multiple of 16 columns each.
+    const int threads = std::max(1, std::min<int>(num_threads, static_cast<int>(N / 64)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int id = omp_get_thread_num();
+        const int count = omp_get_num_threads();
+#else
+        const int id = 0, count = 1;
+#endif
+        const int64_t chunk = ((N + count - 1) / count + 15) / 16 * 16;
+        const int64_t begin = std::min<int64_t>(N, id * chunk);
+        const int64_t end = std::min<int64_t>(N, begin + chunk);
+        if (w_type == F32) gemm<F32>(M, xf, w, begin, end, K, yf, N);
+        else gemm<BF16>(M, xf, w, begin, end, K, yf, N);
+    }
+    if (x_type == BF16) {
+        uint16_t* dst = static_cast<uint16_t*>(y);
+        for (int64_t i = 0; i < M * N; ++i) dst[i] = float_to_bf16(y32[i]);
+    }
+    return 0;
+}
+
+}  // extern "C"
