@@ -119,7 +119,8 @@ class WorkerRank:
             max_model_len=config.max_model_len, kv_cache_dtype=role.kv_cache_dtype,
             enable_prefix_caching=role.enable_prefix_caching, dtype=config.dtype,
             device=config.device, tensor_parallel_size=self.identity.size,
-            num_threads=config.num_threads, seed=config.seed)
+            num_threads=config.num_threads, seed=config.seed,
+            attention_backend=config.attention_backend)
 
     def _build_rank(self, options):
         from engine.parallel import TensorParallel

@@ -17,6 +17,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.linear import linear
+from engine.ops import rms_norm, rotate_qk_, silu_mul
 from engine.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -36,10 +37,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -66,15 +64,10 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: KVCache, layer: int,
                 meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.rotary(positions, q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.rotary(positions, k.view(num_tokens, self.num_kv_heads, self.head_dim))
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = rotate_qk_(self.qkv(x), positions, self.num_heads, self.num_kv_heads,
+                             self.head_dim, self.rotary.cos, self.rotary.sin)
         out = paged_attention(q, k, v, cache, layer, meta, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, q_size))
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -95,8 +88,7 @@ class MLP(nn.Module):
         self.local_size = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split([self.local_size, self.local_size], dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):

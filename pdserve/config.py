@@ -17,6 +17,7 @@ from typing import Any
 
 from pdserve.checkpoint_files import read_json
 from pdserve.choices import (
+    ATTENTION_BACKENDS,
     DEVICES,
     FIELD_ERROR,
     KV_CACHE_DTYPES,
@@ -172,7 +173,11 @@ class ClusterConfig:
     kv_transfer_dtype: str = setting("fp8", choices=KV_TRANSFER_DTYPES,
                                      flag="--kv-transfer-dtype", help="KV on the wire")
     block_size: int = setting(16, minimum=1)  # one value across the cluster
-    dtype: str = setting("auto", choices=MODEL_DTYPES)
+    dtype: str = setting("auto", choices=MODEL_DTYPES, flag="--dtype",
+                         help="model dtype; auto is float32 on CPU, bfloat16 on CUDA")
+    attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS,
+                                     flag="--attention-backend",
+                                     help="auto: paged where a kernel runs, else reference")
     device: str | None = setting(None, choices=DEVICES)  # None: cuda if present, else cpu
     max_model_len: int | None = setting(None, minimum=1)
     address: str = setting("local", accepts=_is_ray_address,

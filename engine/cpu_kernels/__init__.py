@@ -2,6 +2,7 @@
 
 - ``paged_attention.cpp``: attention that reads KV blocks in place (engine/attention).
 - ``small_gemm.cpp``: linear layers for a few rows (decode), at memory bandwidth.
+- ``elementwise.cpp``: RMSNorm, rotary and SiLU x up, one pass each (engine/ops.py).
 
 The library is built with the system's C++ compiler (a few seconds) into
 ``$PDSERVE_HOME/kernels`` (default ``~/.cache/pdserve``), keyed by a digest of the sources,
@@ -26,7 +27,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in (
-    "paged_attention.cpp", "small_gemm.cpp"))
+    "paged_attention.cpp", "small_gemm.cpp", "elementwise.cpp"))
 HEADERS = (Path(__file__).with_name("common.h"),)
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
                   "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
@@ -106,6 +107,14 @@ def _declare(library: ctypes.CDLL) -> None:
     gemm = library.pdserve_small_gemm
     gemm.argtypes = [i32, i32, pointer, pointer, pointer, i64, i64, i64, i32]
     gemm.restype = i32
+    library.pdserve_rms_norm.argtypes = [i32, pointer, pointer, pointer, i64, i64, i64,
+                                         ctypes.c_float]
+    library.pdserve_rms_norm.restype = None
+    library.pdserve_rotary.argtypes = [i32, pointer, i64, i64, i64, i64, pointer, pointer,
+                                       pointer]
+    library.pdserve_rotary.restype = None
+    library.pdserve_silu_mul.argtypes = [i32, pointer, pointer, i64, i64]
+    library.pdserve_silu_mul.restype = None
 
 
 def load() -> ctypes.CDLL:
@@ -125,3 +134,14 @@ def load() -> ctypes.CDLL:
             _declare(library)
             _library = library
         return _library
+
+
+def library_or_none() -> ctypes.CDLL | None:
+    """The library, or None where it cannot be built (logged once, with the reason)."""
+    try:
+        return load()
+    except KernelUnavailable as error:
+        if not getattr(library_or_none, "warned", False):
+            library_or_none.warned = True
+            logger.warning("CPU kernels unavailable, plain torch runs instead: %s", error)
+        return None

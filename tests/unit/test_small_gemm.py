@@ -48,12 +48,16 @@ def test_two_threads_and_many_columns_give_the_same_result():
     torch.testing.assert_close(one, F.linear(x, weight), atol=1e-4, rtol=1e-5)
 
 
-def test_more_rows_and_other_layouts_are_f_linear():
+def test_more_rows_and_other_layouts_match_f_linear():
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(SMALL_ROWS + 1, 64, generator=generator)
     weight = torch.randn(32, 64, generator=generator)
-    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    bias = torch.randn(32, generator=generator)
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5,
+                               rtol=1e-5)
     transposed = torch.randn(64, 32, generator=generator).t()  # not contiguous
-    assert torch.equal(linear(x[:2], transposed), F.linear(x[:2], transposed))
+    torch.testing.assert_close(linear(x[:2], transposed), F.linear(x[:2], transposed),
+                               atol=1e-5, rtol=1e-5)
     x3 = torch.randn(2, 3, 64, generator=generator)
-    assert torch.equal(linear(x3, weight), F.linear(x3, weight))
+    torch.testing.assert_close(linear(x3, weight), F.linear(x3, weight), atol=1e-5, rtol=1e-5)
