@@ -158,6 +158,7 @@ class EngineConfig:
     num_threads: int | None = setting(None, minimum=1)
     seed: int = setting(0, minimum=0)
     attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS)
+    enforce_eager: bool = setting(False)  # CUDA: run decode without CUDA graphs
 
     def __post_init__(self) -> None:
         check_fields(self, message="{name}={value!r} is invalid: must be {expected}")

@@ -105,7 +105,8 @@ def plan_runner(model_dir: str | Path, config: EngineConfig) -> RunnerOptions:
     dtype = resolve_dtype(config.dtype, device)
     num_blocks, max_model_len = plan_pool(model, config, device, dtype)
     return RunnerOptions(str(model_dir), model, dtype, device, num_blocks, config.block_size,
-                         config.kv_cache_dtype, max_model_len, config.attention_backend)
+                         config.kv_cache_dtype, max_model_len, config.attention_backend,
+                         config.enforce_eager, config.max_num_seqs)
 
 
 class LLMEngine:

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from engine.attention import AttentionMetadata, SequenceSpan, make_backend
+from engine.attention.paged_triton import PagedTritonBackend
 from engine.config import ModelConfig
+from engine.cuda_graphs import DecodeBuffers, DecodeGraphs
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.parallel import TensorParallel, local_kv_heads
@@ -51,6 +53,8 @@ class RunnerOptions:
     kv_cache_dtype: str
     max_model_len: int
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # CUDA: no decode graphs
+    max_num_seqs: int = 256  # the largest decode graph
 
 
 class ModelRunner:
@@ -66,20 +70,48 @@ class ModelRunner:
             self.model = CausalLM(self.config, tp, self.dtype, options.max_model_len)
         load_weights(self.model, Path(options.model_dir))
         _, num_kv_heads = local_kv_heads(self.config.num_kv_heads, tp)
-        self.kv_cache = KVCache(self.config.num_layers, options.num_blocks, num_kv_heads,
-                                options.block_size, self.config.head_dim, self.dtype,
-                                options.kv_cache_dtype, self.device)
+        graphs = self.device.type == "cuda" and not options.enforce_eager
+        # Decode graphs write their padding rows' K/V into one block past the pool's end.
+        self.kv_cache = KVCache(self.config.num_layers, options.num_blocks + int(graphs),
+                                num_kv_heads, options.block_size, self.config.head_dim,
+                                self.dtype, options.kv_cache_dtype, self.device)
         self.attention = make_backend(options.attention_backend, self.kv_cache,
                                       self.config.num_heads // tp.size, self.dtype, self.device)
+        self.decode_graphs: DecodeBuffers | None = None
+        if graphs and isinstance(self.attention, PagedTritonBackend):
+            max_blocks = -(-options.max_model_len // options.block_size)
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.attention,
+                                              options.max_num_seqs, max_blocks,
+                                              scratch_block=options.num_blocks)
 
     @torch.inference_mode()
     def execute(self, batch: ModelInput,
                 after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Logits ``[S, vocab]`` (float32) for the sequences with ``needs_logits``, in order;
         ``after_layer`` as in ``CausalLM.forward``."""
-        input_ids, positions, meta, logit_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, after_layer)
+        hidden = self._decode_in_buffers(batch) if after_layer is None else None
+        if hidden is not None:
+            logit_rows = self._tensor([i for i, seq in enumerate(batch.sequences)
+                                       if seq.needs_logits])
+        else:
+            input_ids, positions, meta, logit_rows = self._prepare(batch)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, after_layer)
         return self.model.compute_logits(hidden[logit_rows])
+
+    def _decode_in_buffers(self, batch: ModelInput) -> torch.Tensor | None:
+        """A decode-only batch through the static buffers (a CUDA graph's replay), in batch
+        order; None when the batch is not decode-only or does not fit them."""
+        buffers, sequences = self.decode_graphs, batch.sequences
+        if buffers is None or not sequences or any(len(s.token_ids) != 1 for s in sequences):
+            return None
+        block_size = self.options.block_size
+        tables = [s.block_ids[: s.start // block_size + 1] for s in sequences]
+        bucket = buffers.bucket(len(sequences), max(len(t) for t in tables))
+        if bucket is None:
+            return None
+        buffers.fill([s.token_ids[0] for s in sequences], [s.start for s in sequences], tables,
+                     bucket)
+        return buffers.forward(bucket)[: len(sequences)]
 
     def _prepare(self, batch: ModelInput):
         # Decodes (one query token) first, shortest context first, then prefill chunks: the

@@ -3,7 +3,8 @@
 - ``reference``: gather each request's blocks into a copy, then SDPA. Any device; the
   backend the tests hold the others to.
 - ``paged``: read the blocks in place through block tables. On the CPU, a C++ kernel built on
-  first use (``paged_cpu.py``). No CUDA kernel yet: on CUDA, ``auto`` runs the reference.
+  first use (``paged_cpu.py``); on CUDA, a Triton kernel (``paged_triton.py``), which also
+  runs under CUDA graphs.
 
 ``auto`` picks ``paged`` where it runs and falls back to ``reference`` with a warning that
 says why.
@@ -22,6 +23,7 @@ from engine.attention.base import (
     paged_attention,
 )
 from engine.attention.paged_cpu import PagedCPUBackend
+from engine.attention.paged_triton import PagedTritonBackend, unavailable
 from engine.attention.reference import ReferenceBackend
 from engine.cpu_kernels import KernelUnavailable
 from engine.kv_cache import KVCache
@@ -38,9 +40,18 @@ def make_backend(name: str, cache: KVCache, num_heads: int, dtype: torch.dtype,
     ``num_heads`` are this rank's query heads."""
     if name == "reference":
         return ReferenceBackend(cache, device)
+    if device.type == "cuda":
+        reason = unavailable(cache, num_heads)
+        if reason is None:
+            return PagedTritonBackend(cache, num_heads, device)
+        if name == "paged":
+            raise ValueError(f"attention_backend='paged' is unavailable: {reason}")
+        logger.warning("attention: the reference backend runs, the Triton kernel does not "
+                       "take %s", reason)
+        return ReferenceBackend(cache, device)
     if device.type != "cpu":
         if name == "paged":
-            raise ValueError(f"attention_backend='paged' has no kernel for {device.type} yet; "
+            raise ValueError(f"attention_backend='paged' has no kernel for {device.type}; "
                              "use 'auto' or 'reference'")
         return ReferenceBackend(cache, device)
     try:
