@@ -1,12 +1,13 @@
 """``linear(x, weight, bias)``: the fastest GEMM this device has for the shape.
 
-On the CPU:
-- up to ``SMALL_ROWS`` rows (decode), ``engine/cpu_kernels/small_gemm.cpp``: a layer is then
-  a stream over its weights, and BLAS GEMV streams them slower than memory allows;
-- more rows in float32, oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``), about 10%
-  faster than F.linear's MKL GEMM on one thread of the development machine at 32 to 256 rows
-  (docs/benchmarks.md);
-- anything else, and everywhere the kernels cannot be built, F.linear.
+On the CPU, up to ``SMALL_ROWS`` rows (decode) go to ``engine/cpu_kernels/small_gemm.cpp``:
+a layer is then a stream over its weights, and BLAS GEMV streams them slower than memory
+allows. Everything else, and everywhere the kernels cannot be built, is F.linear.
+
+Not used, by measurement: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``) ran about
+10% faster than F.linear at 32 to 256 rows in float32, but it caches a primitive per distinct
+row count, and a server sees every count: the decode worker's resident memory grew by 45 MiB
+over 1,000 requests (tests/e2e/test_cluster.py caught it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from engine.cpu_kernels import library_or_none
 
 SMALL_ROWS = 8
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _small_gemm():
@@ -39,6 +39,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
             gemm(code, code, x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
                  weight.shape[0], weight.shape[1], torch.get_num_threads())
             return out if bias is None else out.add_(bias)
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
