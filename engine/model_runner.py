@@ -6,6 +6,7 @@ can broadcast it to the other tensor-parallel ranks as is.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.parallel import TensorParallel, local_kv_heads
 from engine.weights import load_weights
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -77,6 +80,9 @@ class ModelRunner:
                                 self.dtype, options.kv_cache_dtype, self.device)
         self.attention = make_backend(options.attention_backend, self.kv_cache,
                                       self.config.num_heads // tp.size, self.dtype, self.device)
+        if tp.rank == 0:
+            logger.info("attention backend: %s (%s, %s pool)", self.attention.name,
+                        options.dtype, options.kv_cache_dtype)
         self.decode_graphs: DecodeBuffers | None = None
         if graphs and isinstance(self.attention, PagedTritonBackend):
             max_blocks = -(-options.max_model_len // options.block_size)

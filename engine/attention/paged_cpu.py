@@ -74,17 +74,17 @@ class PagedCPUBackend:
         _, _, _, self.num_kv_heads, self.block_size, self.head_dim = cache.data.shape
 
     def plan(self, spans: list[SequenceSpan]) -> PagedPlan:
-        in_pool = [s for s in spans if s.start > 0 or s.num_tokens == 1 or self.cache.is_fp8]
-        fresh = [slice(s.row, s.row + s.num_tokens) for s in spans
-                 if not (s.start > 0 or s.num_tokens == 1 or self.cache.is_fp8)]
+        in_pool, fresh = [], []
+        for span in spans:
+            if span.start == 0 and span.num_tokens > 1 and not self.cache.is_fp8:
+                fresh.append(slice(span.row, span.row + span.num_tokens))
+            else:
+                in_pool.append(span)
         width = max((len(s.block_ids) for s in in_pool), default=1)
-        tables = torch.zeros(max(len(in_pool), 1), width, dtype=torch.int32)
-        for index, span in enumerate(in_pool):
-            tables[index, : len(span.block_ids)] = torch.tensor(span.block_ids,
-                                                                 dtype=torch.int32)
-        items = torch.tensor([[s.row, s.num_tokens, s.start, i] for i, s in enumerate(in_pool)],
-                             dtype=torch.int64).reshape(-1, 4)
-        return PagedPlan(items, tables, fresh)
+        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in in_pool] or [[0]]
+        items = [[s.row, s.num_tokens, s.start, i] for i, s in enumerate(in_pool)]
+        return PagedPlan(torch.tensor(items, dtype=torch.int64).reshape(-1, 4),
+                         torch.tensor(tables, dtype=torch.int32), fresh)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                layer: int, plan: PagedPlan, scale: float) -> torch.Tensor:
