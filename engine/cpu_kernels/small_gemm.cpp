@@ -29,7 +29,6 @@ using namespace pdserve;
 enum DType { F32 = 0, BF16 = 1 };
 
 constexpr int kMaxRows = 8;
-constexpr int64_t kAheadRows = 8;
 
 template <int W>
 inline v16 load_w(const void* w, int64_t index) {
@@ -43,33 +42,38 @@ inline float scalar_w(const void* w, int64_t index) {
     else return bf16_to_float(static_cast<const uint16_t*>(w)[index]);
 }
 
-// Output columns [n0, n0 + R) for all M rows; x is float32 [M, K] (in cache).
+// Output columns [n, n + R) for all M rows; x is float32 [M, K] (in cache). Weight rows are
+// read front to back, as few side by side as the arithmetic allows: one sequential stream is
+// what the hardware prefetcher follows best (four rows side by side reached about half the
+// rate at M = 1). With few rows of x the k loop is unrolled U times instead, so the FMAs do
+// not wait on one another; with more, R = 2 weight rows share each load of x.
 template <int W, int M, int R>
-inline void columns(const float* x, const void* w, int64_t n0, int64_t K, float* y,
+inline void columns(const float* x, const void* w, int64_t n, int64_t K, float* y,
                     int64_t y_stride) {
-    v16 acc[R][M];
+    constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;
+    v16 acc[R][U][M];
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] = v16{};
-    const int64_t body = K - K % 16;
-    constexpr int64_t bytes = W == F32 ? 4 : 2;
-    const char* ahead = static_cast<const char*>(w) + (n0 + kAheadRows) * K * bytes;
-    for (int64_t k = 0; k < body; k += 16) {
-        // The rows kAheadRows on, at the same offset: hardware prefetch alone leaves the
-        // stream at about half the memory's rate (docs/benchmarks.md).
-        for (int r = 0; r < R; ++r)
-            for (int64_t b = 0; b < 16 * bytes; b += 64) __builtin_prefetch(ahead + (r * K + k) * bytes + b, 0, 0);
-        v16 weights[R];
-        for (int r = 0; r < R; ++r) weights[r] = load_w<W>(w, (n0 + r) * K + k);
-        for (int m = 0; m < M; ++m) {
-            const v16 xv = load16(x + m * K + k);
-            for (int r = 0; r < R; ++r) acc[r][m] += weights[r] * xv;
+        for (int u = 0; u < U; ++u)
+            for (int m = 0; m < M; ++m) acc[r][u][m] = v16{};
+    const int64_t step = 16 * U;
+    const int64_t body = K - K % step;
+    for (int64_t k = 0; k < body; k += step) {
+        for (int u = 0; u < U; ++u) {
+            v16 weights[R];
+            for (int r = 0; r < R; ++r) weights[r] = load_w<W>(w, (n + r) * K + k + 16 * u);
+            for (int m = 0; m < M; ++m) {
+                const v16 xv = load16(x + m * K + k + 16 * u);
+                for (int r = 0; r < R; ++r) acc[r][u][m] += weights[r] * xv;
+            }
         }
     }
     for (int r = 0; r < R; ++r) {
         for (int m = 0; m < M; ++m) {
-            float sum = sum16(acc[r][m]);
-            for (int64_t k = body; k < K; ++k) sum += scalar_w<W>(w, (n0 + r) * K + k) * x[m * K + k];
-            y[m * y_stride + n0 + r] = sum;
+            v16 total = acc[r][0][m];
+            for (int u = 1; u < U; ++u) total += acc[r][u][m];
+            float sum = sum16(total);
+            for (int64_t k = body; k < K; ++k) sum += scalar_w<W>(w, (n + r) * K + k) * x[m * K + k];
+            y[m * y_stride + n + r] = sum;
         }
     }
 }
@@ -77,41 +81,38 @@ inline void columns(const float* x, const void* w, int64_t n0, int64_t K, float*
 #if defined(__AVX512BF16__)
 // bfloat16 weights and rows: VDPBF16PS multiplies 32 bf16 pairs into 16 float32 sums per
 // instruction, twice the work of widening then FMA.
-template <int M, int R>
-inline void columns_bf16(const uint16_t* x, const uint16_t* w, int64_t n0, int64_t K, float* y,
-                         int64_t y_stride) {
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    const int64_t body = K - K % 32;
-    const char* ahead = reinterpret_cast<const char*>(w + (n0 + kAheadRows) * K);
-    for (int64_t k = 0; k < body; k += 32) {
-        for (int r = 0; r < R; ++r) __builtin_prefetch(ahead + (r * K + k) * 2, 0, 0);
-        __m512bh weights[R];
-        for (int r = 0; r < R; ++r)
-            weights[r] = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k);
-        for (int m = 0; m < M; ++m) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-            for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], weights[r], xv);
+template <int M>
+inline void column_bf16(const uint16_t* x, const uint16_t* w, int64_t n, int64_t K, float* y,
+                        int64_t y_stride) {
+    constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;
+    __m512 acc[U][M];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    const int64_t step = 32 * U;
+    const int64_t body = K - K % step;
+    const uint16_t* row = w + n * K;
+    for (int64_t k = 0; k < body; k += step) {
+        for (int u = 0; u < U; ++u) {
+            const __m512bh weights = (__m512bh)_mm512_loadu_si512(row + k + 32 * u);
+            for (int m = 0; m < M; ++m) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u);
+                acc[u][m] = _mm512_dpbf16_ps(acc[u][m], weights, xv);
+            }
         }
     }
-    for (int r = 0; r < R; ++r) {
-        for (int m = 0; m < M; ++m) {
-            float sum = _mm512_reduce_add_ps(acc[r][m]);
-            for (int64_t k = body; k < K; ++k)
-                sum += bf16_to_float(w[(n0 + r) * K + k]) * bf16_to_float(x[m * K + k]);
-            y[m * y_stride + n0 + r] = sum;
-        }
+    for (int m = 0; m < M; ++m) {
+        __m512 total = acc[0][m];
+        for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][m]);
+        float sum = _mm512_reduce_add_ps(total);
+        for (int64_t k = body; k < K; ++k) sum += bf16_to_float(row[k]) * bf16_to_float(x[m * K + k]);
+        y[m * y_stride + n] = sum;
     }
 }
 
 template <int M>
 void gemm_rows_bf16(const uint16_t* x, const uint16_t* w, int64_t n_begin, int64_t n_end,
                     int64_t K, float* y, int64_t N) {
-    constexpr int R = M <= 4 ? 4 : 2;
-    int64_t n = n_begin;
-    for (; n + R <= n_end; n += R) columns_bf16<M, R>(x, w, n, K, y, N);
-    for (; n < n_end; ++n) columns_bf16<M, 1>(x, w, n, K, y, N);
+    for (int64_t n = n_begin; n < n_end; ++n) column_bf16<M>(x, w, n, K, y, N);
 }
 
 void gemm_bf16(int64_t M, const uint16_t* x, const uint16_t* w, int64_t n_begin, int64_t n_end,
@@ -132,8 +133,7 @@ void gemm_bf16(int64_t M, const uint16_t* x, const uint16_t* w, int64_t n_begin,
 template <int W, int M>
 void gemm_rows(const float* x, const void* w, int64_t n_begin, int64_t n_end, int64_t K,
                float* y, int64_t N) {
-    // Four weight rows at a time while M is small enough to keep 4 * M sums in registers.
-    constexpr int R = M <= 4 ? 4 : 2;
+    constexpr int R = 1;  // two rows side by side measured slower at every M up to 8
     int64_t n = n_begin;
     for (; n + R <= n_end; n += R) columns<W, M, R>(x, w, n, K, y, N);
     for (; n < n_end; ++n) columns<W, M, 1>(x, w, n, K, y, N);
