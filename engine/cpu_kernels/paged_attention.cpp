@@ -283,20 +283,24 @@ void run_unit(const Unit& u, const int64_t* items, const int32_t* tables, int64_
     const int64_t key_end = start + u.first_query + u.num_queries;  // exclusive
     const int64_t num_blocks = (key_end + s.block_size - 1) / s.block_size;
     const int64_t head_elems = static_cast<int64_t>(s.block_size) * D;
-    const int64_t span_bytes = (u.head_end - u.head) * head_elems * kv_bytes<KV>();
+    const int64_t head_bytes = head_elems * kv_bytes<KV>();
     for (int64_t b = 0; b < num_blocks; ++b) {
         // Ask for a later block while this one computes: the pool is read from memory once,
         // scattered in block-sized pieces the hardware prefetcher does not foresee.
-        if (b + kPrefetchBlocks < num_blocks) {
-            const int64_t ahead = table[b + kPrefetchBlocks] * p.block_elems + u.head * head_elems;
-            prefetch(p.k, ahead * kv_bytes<KV>(), span_bytes);
-            prefetch(p.v, ahead * kv_bytes<KV>(), span_bytes);
-        }
+        // Spread over the heads, so a few hundred requests are in flight at a time rather
+        // than the whole next block's at once.
+        const bool has_next = b + kPrefetchBlocks < num_blocks;
+        const int64_t ahead = has_next ? table[b + kPrefetchBlocks] * p.block_elems : 0;
         // Block 0 holds position 0, which every row sees: after it each row's max is finite.
         const int64_t first_key = b * s.block_size;
         const int n = static_cast<int>(std::min<int64_t>(s.block_size, key_end - first_key));
         const int64_t block = table[b];
         for (int h = u.head; h < u.head_end; ++h) {
+            if (has_next) {
+                const int64_t offset = (ahead + h * head_elems) * kv_bytes<KV>();
+                prefetch(p.k, offset, head_bytes);
+                prefetch(p.v, offset, head_bytes);
+            }
             Rows& r = rows[h - u.head];
             const float* keys = load_rows<KV>(p.k, p.k_scales, block, h, s, p, n, kbuf);
             const float* values = load_rows<KV>(p.v, p.v_scales, block, h, s, p, n, vbuf);
