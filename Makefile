@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit test-e2e lint serve bench bench-kvtransfer bench-cluster bench-router bench-disagg clean
+.PHONY: install test test-unit test-e2e lint serve bench bench-kvtransfer bench-cluster bench-router bench-disagg bench-vs-vllm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-router: install
 
 bench-disagg: install
 	$(BIN)/python scripts/bench_disagg.py
+
+bench-vs-vllm: install
+	$(BIN)/python scripts/bench_vs_vllm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
