@@ -9,6 +9,12 @@
    machine this was written for; the CPU path is covered by tests/e2e).
 
 ``--cpu`` is the smoke run CI does: the tiny model on the CPU, the same steps, seconds.
+
+On the H200 machine (torch, triton, transformers, safetensors, tokenizers, numpy; no ray,
+nixl or msgspec): the engine imports msgspec (its SamplingParams), so carry its wheel for
+that machine's Python 3.12 (``pip download --no-deps --only-binary=:all: --python-version
+3.12 --platform manylinux_2_17_x86_64 -d .whl msgspec==0.20.0`` or newer) and install it
+with ``--target`` before the script, as the device tool's README says. Not run on a GPU yet.
 Run: ``scripts/device_check.sh [--cpu] [--out FILE]`` (default ``$OUT/device_check.json`` when
 ``$OUT`` is set, else ``docs/device_check.json``).
 """

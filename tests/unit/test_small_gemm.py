@@ -61,3 +61,31 @@ def test_more_rows_and_other_layouts_match_f_linear():
                                atol=1e-5, rtol=1e-5)
     x3 = torch.randn(2, 3, 64, generator=generator)
     torch.testing.assert_close(linear(x3, weight), F.linear(x3, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_rows_run_padded_to_a_bucket_with_the_same_result():
+    from engine.linear import row_bucket
+
+    assert [row_bucket(n) for n in (9, 17, 64, 65, 257, 1025)] == [9, 20, 64, 80, 320, 1280]
+    assert all(n <= row_bucket(n) <= n * 1.25 for n in range(1, 5000))
+    assert len({row_bucket(n) for n in range(17, 2049)}) == 28
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 64, generator=generator).bfloat16()
+    weight = torch.randn(48, 64, generator=generator).bfloat16()
+    got = linear(x, weight)
+    assert got.shape == (37, 48)
+    torch.testing.assert_close(got, F.linear(x, weight), atol=0.0, rtol=0.0)
+
+
+def test_bfloat16_gemms_of_every_row_count_keep_memory_bounded():
+    """oneDNN keeps a weight copy per cached row count; the buckets keep those few."""
+    def resident_bytes() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+
+    weight = torch.randn(2816, 512).bfloat16()  # 2.9 MB: one copy per distinct shape
+    before = resident_bytes()
+    for rows in range(9, 600):
+        linear(torch.zeros(rows, 512, dtype=torch.bfloat16), weight)
+    growth = resident_bytes() - before
+    assert growth < 120 * 2**20, f"{growth / 2**20:.0f} MiB for 591 row counts"
