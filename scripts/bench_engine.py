@@ -278,8 +278,7 @@ def bench_backends(model_dir: Path, config: ModelConfig, args, source: TokenSour
     context, num_steps = args.sizes.decode_context_tokens, args.sizes.decode_steps
     engines = {name: LLM(model_dir, num_threads=args.threads, dtype=args.dtype,
                          attention_backend=name, num_blocks=1024) for name in BACKENDS}
-    runs: dict[str, list] = {f"{name}_batch_{b}": [] for name in BACKENDS
-                             for b in DECODE_BATCHES}
+    runs: dict[str, list] = {f"{n}_batch_{b}": [] for n in BACKENDS for b in DECODE_BATCHES}
     try:
         for repeat in range(args.repeats):
             for name in BACKENDS if repeat % 2 == 0 else BACKENDS[::-1]:

@@ -3,6 +3,8 @@
 // seconds and is called through ctypes.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -50,6 +52,27 @@ inline uint16_t float_to_bf16(float value) {
     if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return static_cast<uint16_t>(bits >> 16);
+}
+
+// exp(x) for x in [-87, 88] (clamped there), about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2
+// (ln2 split in two for precision), exp(r) by a degree-6 minimax polynomial, 2^n put into
+// the exponent bits. Plain arithmetic, so the compiler vectorises the loops that call it.
+inline float exp_clamped(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return y * scale;
 }
 
 }  // namespace pdserve

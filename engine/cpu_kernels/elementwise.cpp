@@ -17,25 +17,6 @@ using namespace pdserve;
 
 enum DType { F32 = 0, BF16 = 1 };
 
-// exp(x) for any float x, about 1 ulp (see paged_attention.cpp for the method).
-inline float exp_any(float x) {
-    x = std::min(std::max(x, -87.0f), 88.0f);
-    float n = std::floor(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return y * scale;
-}
-
 template <int T>
 inline float get(const void* base, int64_t index) {
     if constexpr (T == F32) return static_cast<const float*>(base)[index];
@@ -94,7 +75,7 @@ void silu_mul(const void* gate_up, void* out, int64_t rows, int64_t size) {
             const float g = get<T>(gate_up, row * 2 * size + i);
             const float u = get<T>(gate_up, row * 2 * size + size + i);
             // sigmoid through exp of a non-positive number: no overflow either side.
-            const float e = exp_any(-std::fabs(g));
+            const float e = exp_clamped(-std::fabs(g));
             const float sigmoid = g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
             float silu = g * sigmoid;
             if constexpr (T == BF16) silu = bf16_to_float(float_to_bf16(silu));

@@ -52,25 +52,9 @@ inline float fp8_to_float(uint8_t byte) {
     return value;
 }
 
-// exp(x) for x <= 0, about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for
-// precision), exp(r) by a degree-6 minimax polynomial, 2^n put into the exponent bits. Plain
-// arithmetic, so the compiler vectorises the loops that call it.
+// exp(x) for x <= 0, 0 below -87 (the weight is 0 to float precision).
 inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);  // below this exp underflows: the weight is 0 to float precision
-    float n = std::floor(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return x <= -87.0f ? 0.0f : y * scale;
+    return x <= -87.0f ? 0.0f : exp_clamped(x);
 }
 
 struct Pool {
