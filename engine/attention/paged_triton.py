@@ -13,6 +13,7 @@ tests/unit/test_triton_attention.py) where triton is installed.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -20,18 +21,14 @@ import torch
 from engine.attention.base import SequenceSpan, fresh_causal
 from engine.kv_cache import KVCache
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no triton: the CUDA backend is unavailable, the reference serves
-    triton = None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 1}
 
 
 def unavailable(cache: KVCache, num_heads: int) -> str | None:
     """Why the Triton kernel cannot serve this pool, or None if it can."""
-    if triton is None:
+    if not HAS_TRITON:
         return "triton is not installed"
     _, _, _, num_kv_heads, block_size, head_dim = cache.data.shape
     for name, value in (("head_dim", head_dim), ("block_size", block_size)):
@@ -40,67 +37,6 @@ def unavailable(cache: KVCache, num_heads: int) -> str | None:
     if not cache.is_fp8 and cache.data.dtype not in _DTYPE_CODES:
         return f"pool dtype {cache.data.dtype}"
     return None
-
-
-if triton is not None:
-
-    @triton.jit
-    def _fp8_e4m3_to_float(byte):
-        # Normal: exponent and mantissa moved into place with the bias raised by 120;
-        # subnormal: mantissa * 2^-9. The pool never holds NaN (quantization clamps).
-        magnitude = (byte & 0x7F).to(tl.int32)
-        normal = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
-        value = tl.where((magnitude >> 3) > 0, normal, magnitude.to(tl.float32) * 0.001953125)
-        return tl.where((byte & 0x80) > 0, -value, value)
-
-    @triton.jit
-    def _paged_attention(q_ptr, out_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, tables_ptr,
-                         table_stride, visible_ptr, table_row_ptr, scale, num_heads,
-                         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                         GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr):
-        token = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        visible = tl.load(visible_ptr + token)
-        if visible > 0:
-            table = tables_ptr + tl.load(table_row_ptr + token) * table_stride
-            heads = tl.arange(0, GROUP_PAD)
-            dims = tl.arange(0, HEAD_DIM)
-            slots = tl.arange(0, BLOCK_SIZE)
-            head_ok = heads < GROUP
-            q_rows = (token * num_heads + kv_head * GROUP + heads) * HEAD_DIM
-            q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=head_ok[:, None],
-                        other=0.0).to(tl.float32) * scale  # [G, D]
-            row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-            row_sum = tl.zeros([GROUP_PAD], tl.float32)
-            acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-            for b in range(0, tl.cdiv(visible, BLOCK_SIZE)):
-                block = tl.load(table + b).to(tl.int64)
-                key_ok = b * BLOCK_SIZE + slots < visible
-                rows = (block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + slots  # [bs]
-                offsets = rows[:, None] * HEAD_DIM + dims[None, :]
-                if IS_FP8:
-                    k = _fp8_e4m3_to_float(tl.load(k_ptr + offsets, mask=key_ok[:, None],
-                                                   other=0))
-                    v = _fp8_e4m3_to_float(tl.load(v_ptr + offsets, mask=key_ok[:, None],
-                                                   other=0))
-                    k = k * tl.load(k_scale_ptr + rows, mask=key_ok, other=0.0)[:, None]
-                    v = v * tl.load(v_scale_ptr + rows, mask=key_ok, other=0.0)[:, None]
-                else:
-                    k = tl.load(k_ptr + offsets, mask=key_ok[:, None], other=0.0).to(tl.float32)
-                    v = tl.load(v_ptr + offsets, mask=key_ok[:, None], other=0.0).to(tl.float32)
-                scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, bs]
-                scores = tl.where(key_ok[None, :], scores, float("-inf"))
-                new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-                weights = tl.exp(scores - new_max[:, None])
-                correction = tl.exp(row_max - new_max)
-                row_sum = row_sum * correction + tl.sum(weights, axis=1)
-                acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * v[None, :, :],
-                                                         axis=1)
-                row_max = new_max
-            result = acc / row_sum[:, None]
-            tl.store(out_ptr + q_rows[:, None] + dims[None, :],
-                     result.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
 @dataclass(slots=True)
@@ -127,6 +63,10 @@ class PagedTritonBackend:
         self.num_heads = num_heads
         _, _, _, self.num_kv_heads, self.block_size, self.head_dim = cache.data.shape
         self.group = num_heads // self.num_kv_heads
+        from engine.attention import triton_kernels
+
+        self.kernel = triton_kernels.paged_attention
+        self.group_pad = max(triton_kernels.triton.next_power_of_2(self.group), 1)
 
     def plan(self, spans: list[SequenceSpan]) -> TritonPlan:
         rows = sum(s.num_tokens for s in spans)
@@ -153,12 +93,12 @@ class PagedTritonBackend:
             else (data[0], data[1])
         scales = cache.scales[layer] if cache.is_fp8 else None
         grid = (q.shape[0], self.num_kv_heads)
-        _paged_attention[grid](
+        self.kernel[grid](
             q, out, keys, values, scales[0] if scales is not None else keys,
             scales[1] if scales is not None else values, plan.tables, plan.tables.shape[1],
             plan.visible, plan.table_rows, scale, self.num_heads,
             NUM_KV_HEADS=self.num_kv_heads, GROUP=self.group,
-            GROUP_PAD=max(triton.next_power_of_2(self.group), 1), BLOCK_SIZE=self.block_size,
+            GROUP_PAD=self.group_pad, BLOCK_SIZE=self.block_size,
             HEAD_DIM=self.head_dim, IS_FP8=cache.is_fp8)
         for rows in plan.fresh:
             out[rows] = fresh_causal(q, k, v, rows, scale)
