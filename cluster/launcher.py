@@ -28,6 +28,7 @@ from pdserve.cluster_handle import ModelInfo, OnAdded, OnRemoved, WorkerAddress
 from pdserve.config import ClusterConfig
 from pdserve.probe import Probe
 from pdserve.protocol import Fingerprint
+from pdserve.quant_config import resolve_scheme, weights_fingerprint
 from pdserve.sampling import SamplingParams
 from pdserve.worker_commands import GetStats
 from pdserve.worker_stats import Role, WorkerStats
@@ -63,8 +64,9 @@ class Cluster:
     def __init__(self, config: ClusterConfig, probe: Probe):
         self.config = config
         self._secret = secrets.token_hex(16)
-        self._fingerprint = Fingerprint.of_model(config.model_dir, config.block_size,
-                                                 config.dtype, config.kv_transfer_dtype)
+        self._fingerprint = Fingerprint.of_model(
+            config.model_dir, config.block_size, config.dtype, config.kv_transfer_dtype,
+            weights_fingerprint(resolve_scheme(config.quantization, config.model_dir)))
         self._starter = GroupStarter(config, self._fingerprint, self._secret, probe)
         self._lock = threading.RLock()
         self._watchers_lock = threading.Lock()

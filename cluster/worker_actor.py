@@ -120,7 +120,7 @@ class WorkerRank:
             enable_prefix_caching=role.enable_prefix_caching, dtype=config.dtype,
             device=config.device, tensor_parallel_size=self.identity.size,
             num_threads=config.num_threads, seed=config.seed,
-            attention_backend=config.attention_backend)
+            attention_backend=config.attention_backend, quantization=config.quantization)
 
     def _build_rank(self, options):
         from engine.parallel import TensorParallel

@@ -12,6 +12,7 @@ from pdserve.choices import (
     DEVICES,
     KV_CACHE_DTYPES,
     MODEL_DTYPES,
+    QUANTIZATIONS,
     check_fields,
     setting,
 )
@@ -159,6 +160,7 @@ class EngineConfig:
     seed: int = setting(0, minimum=0)
     attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS)
     enforce_eager: bool = setting(False)  # CUDA: run decode without CUDA graphs
+    quantization: str = setting("auto", choices=QUANTIZATIONS)  # weights; pdserve/quant_config
 
     def __post_init__(self) -> None:
         check_fields(self, message="{name}={value!r} is invalid: must be {expected}")

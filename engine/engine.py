@@ -19,6 +19,7 @@ from engine.request import Request, RequestId, RequestStatus
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.protocol import FinishReason, KVEvent
+from pdserve.quant_config import resolve_scheme
 from pdserve.sampling import SamplingParams
 
 
@@ -106,7 +107,8 @@ def plan_runner(model_dir: str | Path, config: EngineConfig) -> RunnerOptions:
     num_blocks, max_model_len = plan_pool(model, config, device, dtype)
     return RunnerOptions(str(model_dir), model, dtype, device, num_blocks, config.block_size,
                          config.kv_cache_dtype, max_model_len, config.attention_backend,
-                         config.enforce_eager, config.max_num_seqs)
+                         config.enforce_eager, config.max_num_seqs,
+                         resolve_scheme(config.quantization, model_dir))
 
 
 class LLMEngine:

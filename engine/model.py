@@ -18,14 +18,10 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.linear import linear
 from engine.ops import rms_norm, rotate_qk_, silu_mul
-from engine.parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    TensorParallel,
-    check_head_split,
-    local_kv_heads,
-)
+from engine.parallel import TensorParallel, check_head_split, local_kv_heads
+from engine.quantization import column_parallel, row_parallel
 from engine.rotary import RotaryEmbedding
+from pdserve.quant_config import QuantScheme
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +42,7 @@ class Attention(nn.Module):
     and out."""
 
     def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, quant: QuantScheme | None):
         super().__init__()
         head_dim = config.head_dim
         self.num_heads = config.num_heads // tp.size
@@ -55,11 +51,12 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         q_rows = self.num_heads * head_dim
         kv_shard = (first_kv * head_dim, self.num_kv_heads * head_dim)
-        self.qkv = ColumnParallelLinear(
+        self.qkv = column_parallel(
             config.hidden_size,
             {"q": (tp.rank * q_rows, q_rows), "k": kv_shard, "v": kv_shard},
-            bias=config.qkv_bias, dtype=dtype)
-        self.o_proj = RowParallelLinear(config.num_heads * head_dim, config.hidden_size, tp, dtype)
+            config.qkv_bias, dtype, quant)
+        self.o_proj = row_parallel(config.num_heads * head_dim, config.hidden_size, tp, dtype,
+                                   quant)
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: KVCache, layer: int,
@@ -74,17 +71,18 @@ class MLP(nn.Module):
     """SwiGLU feed-forward over this rank's slice of ``intermediate_size``: fused gate/up
     (column-parallel), ``down_proj`` (row-parallel, all-reduced); ``[T, hidden]`` in and out."""
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                 quant: QuantScheme | None):
         super().__init__()
         if config.intermediate_size % tp.size:
             raise ValueError(f"tensor_parallel_size={tp.size} does not divide "
                              f"intermediate_size={config.intermediate_size}")
         rows = config.intermediate_size // tp.size
         shard = (tp.rank * rows, rows)
-        self.gate_up = ColumnParallelLinear(
-            config.hidden_size, {"gate": shard, "up": shard}, bias=False, dtype=dtype)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp,
-                                           dtype)
+        self.gate_up = column_parallel(
+            config.hidden_size, {"gate": shard, "up": shard}, False, dtype, quant)
+        self.down_proj = row_parallel(config.intermediate_size, config.hidden_size, tp, dtype,
+                                      quant)
         self.local_size = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,12 +94,12 @@ class DecoderLayer(nn.Module):
     ``[T, hidden]`` in and out."""
 
     def __init__(self, config: ModelConfig, tp: TensorParallel, rotary: RotaryEmbedding,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, quant: QuantScheme | None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, tp, rotary, dtype)
+        self.self_attn = Attention(config, tp, rotary, dtype, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(config, tp, dtype)
+        self.mlp = MLP(config, tp, dtype, quant)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: KVCache, layer: int,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -109,22 +107,34 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_LAYER_TENSOR = re.compile(
+    r"model\.layers\.(\d+)\.(.+)\.(weight|bias|weight_scale|weight_scale_inv|input_scale)")
+# Checkpoint module -> (this model's module, the shard of it the tensor fills).
+_LINEARS = {
+    "self_attn.q_proj": ("self_attn.qkv", "q"),
+    "self_attn.k_proj": ("self_attn.qkv", "k"),
+    "self_attn.v_proj": ("self_attn.qkv", "v"),
+    "self_attn.o_proj": ("self_attn.o_proj", None),
+    "mlp.gate_proj": ("mlp.gate_up", "gate"),
+    "mlp.up_proj": ("mlp.gate_up", "up"),
+    "mlp.down_proj": ("mlp.down_proj", None),
+}
 
 
 class CausalLM(nn.Module):
     """The whole decoder: token ids in, hidden states out; logits only where asked."""
 
     def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
-                 max_positions: int):
+                 max_positions: int, quant: QuantScheme | None = None):
         super().__init__()
         check_head_split(config.num_heads, config.num_kv_heads, tp.size)
         self.config = config
+        self.quant = quant
         rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions)
         self.embed_tokens = nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, tp, rotary, dtype) for _ in range(config.num_layers))
+            DecoderLayer(config, tp, rotary, dtype, quant) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = (self.embed_tokens if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False))
@@ -181,19 +191,22 @@ class CausalLM(nn.Module):
         if match is None or int(match[1]) >= len(self.layers):
             return False
         layer, module, param = self.layers[int(match[1])], match[2], match[3]
-        fused = {"self_attn.q_proj": (layer.self_attn.qkv, "q"),
-                 "self_attn.k_proj": (layer.self_attn.qkv, "k"),
-                 "self_attn.v_proj": (layer.self_attn.qkv, "v"),
-                 "mlp.gate_proj": (layer.mlp.gate_up, "gate"),
-                 "mlp.up_proj": (layer.mlp.gate_up, "up")}
-        if module in fused and (param == "weight" or fused[module][0].bias is not None):
-            target, shard = fused[module]
-            target.load(shard, param, tensor)
-        elif param == "weight" and module in ("self_attn.o_proj", "mlp.down_proj"):
-            (layer.self_attn.o_proj if module == "self_attn.o_proj" else layer.mlp.down_proj
-             ).load(tensor)
-        elif param == "weight" and module in ("input_layernorm", "post_attention_layernorm"):
+        if module in _LINEARS:
+            path, shard = _LINEARS[module]
+            try:
+                return layer.get_submodule(path).load(shard, param, tensor)
+            except ValueError as error:
+                raise ValueError(f"checkpoint tensor {name!r}: {error}") from None
+        if param == "weight" and module in ("input_layernorm", "post_attention_layernorm"):
             getattr(layer, module).weight.copy_(tensor)
-        else:
-            return False
-        return True
+            return True
+        return False
+
+    def missing_quantized_tensors(self) -> list[str]:
+        """Scales (and weights) a quantized model still lacks after loading (HF names)."""
+        missing = []
+        for index, layer in enumerate(self.layers):
+            for module, (path, shard) in _LINEARS.items():
+                missing += [f"model.layers.{index}.{module}.{param}"
+                            for param in layer.get_submodule(path).missing(shard)]
+        return missing

@@ -74,10 +74,17 @@ class ColumnParallelLinear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(total, dtype=dtype), requires_grad=False)
                      if bias else None)
 
-    def load(self, shard: str, param: str, full: torch.Tensor) -> None:
+    def load(self, shard: str, param: str, full: torch.Tensor) -> bool:
+        """Copy this rank's rows of one checkpoint tensor; False if ``param`` is not here."""
+        target = {"weight": self.weight, "bias": self.bias}.get(param)
+        if target is None:
+            return False
         first, rows = self.shards[shard]
-        target = self.weight if param == "weight" else self.bias
         target[self.offsets[shard] : self.offsets[shard] + rows].copy_(full[first : first + rows])
+        return True
+
+    def missing(self, shard: str) -> list[str]:
+        return []  # weight and bias are in the model's expected tensor names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -96,9 +103,16 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype),
                                    requires_grad=False)
 
-    def load(self, full: torch.Tensor) -> None:
+    def load(self, shard: None, param: str, full: torch.Tensor) -> bool:
+        """Copy this rank's columns of the checkpoint weight; False for any other param."""
+        if param != "weight":
+            return False
         start = self.tp.rank * self.local_in
         self.weight.copy_(full[:, start : start + self.local_in])
+        return True
+
+    def missing(self, shard: None) -> list[str]:
+        return []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(linear(x, self.weight))

@@ -50,10 +50,11 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if not model.load_tensor(name, tensor):
+            scheme = model.quant.describe() if model.quant else "no quantization_config"
             raise ValueError(f"{model_dir}: checkpoint tensor {name!r} is not part of a "
-                             f"{model.config.architecture} model")
+                             f"{model.config.architecture} model ({scheme})")
         seen.add(name)
-    missing = sorted(expected - seen)
+    missing = sorted(expected - seen) + model.missing_quantized_tensors()
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks tensors {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}")

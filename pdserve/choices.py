@@ -24,6 +24,8 @@ KV_TRANSFER_DTYPES = ("fp8", "auto")  # the wire: fp8 with its scales, or the mo
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bf16 on CUDA
 DEVICES = ("cpu", "cuda", "cuda:N")  # cuda:N is one GPU by index, e.g. cuda:1
 ATTENTION_BACKENDS = ("auto", "reference", "paged")  # auto: paged where a kernel runs
+# auto: the checkpoint's quantization_config, else none (pdserve/quant_config.py)
+QUANTIZATIONS = ("auto", "none", "int8", "fp8")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

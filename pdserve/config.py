@@ -24,12 +24,14 @@ from pdserve.choices import (
     KV_TRANSFER_DTYPES,
     LOG_LEVELS,
     MODEL_DTYPES,
+    QUANTIZATIONS,
     DisaggMode,
     FieldSpec,
     check_fields,
     field_specs,
     setting,
 )
+from pdserve.quant_config import resolve_scheme
 
 
 def lands_in_staging(kv_transfer_dtype: str, pool_kv_cache_dtype: str) -> bool:
@@ -178,6 +180,9 @@ class ClusterConfig:
     attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS,
                                      flag="--attention-backend",
                                      help="auto: paged where a kernel runs, else reference")
+    quantization: str = setting("auto", choices=QUANTIZATIONS, flag="--quantization",
+                                help="layer weights: int8, fp8 (quantized on load), or auto "
+                                     "(the checkpoint's own quantization_config, else none)")
     device: str | None = setting(None, choices=DEVICES)  # None: cuda if present, else cpu
     max_model_len: int | None = setting(None, minimum=1)
     address: str = setting("local", accepts=_is_ray_address,
@@ -206,9 +211,11 @@ class ClusterConfig:
     def check_model(self) -> None:
         """Refuse a tensor-parallel size that cannot split the model's heads evenly.
 
-        Reads only ``config.json``; a role without workers is not checked.
+        Reads only ``config.json``; a role without workers is not checked. The weight
+        quantization is resolved too, so an unsupported checkpoint is refused here.
         """
         num_heads, num_kv_heads = _read_head_counts(Path(self.model_dir) / "config.json")
+        resolve_scheme(self.quantization, self.model_dir)
         sizes = [("decode", self.decode.tensor_parallel_size)]
         if self.prefill.num_workers:
             sizes.append(("prefill", self.prefill.tensor_parallel_size))

@@ -29,7 +29,7 @@ import msgspec
 from pdserve.checkpoint_files import read_json
 from pdserve.sampling import SamplingParams
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -74,10 +74,11 @@ class Fingerprint(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     dtype: str
     kv_transfer_dtype: str
     tokenizer_hash: str
+    weights: str  # weight quantization (pdserve/quant_config.py): peers must agree
 
     @classmethod
     def of_model(cls, model_dir: str | Path, block_size: int, dtype: str,
-                 kv_transfer_dtype: str) -> Fingerprint:
+                 kv_transfer_dtype: str, weights: str = "none") -> Fingerprint:
         model_dir = Path(model_dir)
         config = read_json(model_dir / "config.json")
         num_heads = config["num_attention_heads"]
@@ -89,7 +90,7 @@ class Fingerprint(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
                 digest.update(path.read_bytes())
         return cls(model_dir.name, config["num_hidden_layers"],
                    config.get("num_key_value_heads", num_heads), head_dim, block_size, dtype,
-                   kv_transfer_dtype, digest.hexdigest()[:16])
+                   kv_transfer_dtype, digest.hexdigest()[:16], weights)
 
     def mismatch(self, other: Fingerprint) -> str:
         """Empty when equal, else which fields differ (mine vs theirs)."""

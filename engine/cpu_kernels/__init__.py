@@ -1,7 +1,8 @@
 """CPU kernels in C++ (no torch headers), built on first use and called through ctypes.
 
 - ``paged_attention.cpp``: attention that reads KV blocks in place (engine/attention).
-- ``small_gemm.cpp``: linear layers for a few rows (decode), at memory bandwidth.
+- ``small_gemm.cpp``: linear layers for a few rows (decode), at memory bandwidth, and the
+  int8 / fp8 weight GEMMs, dequantization and fp8 activation rounding (engine/quantization.py).
 - ``elementwise.cpp``: RMSNorm, rotary and SiLU x up, one pass each (engine/ops.py).
 
 The library is built with the system's C++ compiler (a few seconds) into
@@ -110,6 +111,14 @@ def _declare(library: ctypes.CDLL) -> None:
     gemm = library.pdserve_small_gemm
     gemm.argtypes = [i32, i32, pointer, pointer, pointer, i64, i64, i64, i32]
     gemm.restype = i32
+    quant = library.pdserve_quant_gemm
+    quant.argtypes = [i32, i32, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i32]
+    quant.restype = i32
+    library.pdserve_dequantize.argtypes = [i32, i32, pointer, pointer, i64, pointer, i64, i64,
+                                           i32]
+    library.pdserve_dequantize.restype = None
+    library.pdserve_fp8_quant_dequant.argtypes = [i32, pointer, pointer, i64, i64, pointer, i64]
+    library.pdserve_fp8_quant_dequant.restype = None
     library.pdserve_rms_norm.argtypes = [i32, pointer, pointer, pointer, i64, i64, i64,
                                          ctypes.c_float]
     library.pdserve_rms_norm.restype = None

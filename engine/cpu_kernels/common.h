@@ -75,4 +75,65 @@ inline float exp_clamped(float x) {
     return y * scale;
 }
 
+// e4m3fn (bias 7, no infinities) to float32 in integer arithmetic the compiler vectorises: a
+// normal value moves its exponent and mantissa into place with the bias raised by 120; a
+// subnormal one is mantissa * 2^-9. The pool never holds NaN (quantization clamps to 448).
+inline float fp8_to_float(uint8_t byte) {
+    const uint32_t magnitude = byte & 0x7fu;
+    const uint32_t sign = static_cast<uint32_t>(byte & 0x80u) << 24;
+    const uint32_t normal = (magnitude << 20) + (120u << 23);
+    float value;
+    std::memcpy(&value, &normal, sizeof(value));
+    const float subnormal = static_cast<float>(magnitude) * 0.001953125f;  // 2^-9
+    value = (magnitude >> 3) ? value : subnormal;
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    bits |= sign;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
+// 16 int8 values widened to float32.
+inline v16 load16_i8(const int8_t* p) {
+    typedef int8_t i8x16 __attribute__((vector_size(16)));
+    typedef int32_t i32x16 __attribute__((vector_size(64)));
+    i8x16 narrow;
+    std::memcpy(&narrow, p, sizeof(narrow));
+    return __builtin_convertvector(__builtin_convertvector(narrow, i32x16), v16);
+}
+
+// 16 e4m3fn values widened to float32: exponent and mantissa moved into a float32's top bits
+// give the value times 2^-120 (a subnormal e4m3 lands on a float32 subnormal, so it comes out
+// right too), and one multiply by 2^120 puts it back. NaN bytes are not expected (weights and
+// activations are clamped to 448 when quantized).
+inline v16 load16_fp8(const uint8_t* p) {
+    typedef uint8_t u8x16 __attribute__((vector_size(16)));
+    typedef uint32_t u32x16 __attribute__((vector_size(64)));
+    u8x16 narrow;
+    std::memcpy(&narrow, p, sizeof(narrow));
+    const u32x16 bytes = __builtin_convertvector(narrow, u32x16);
+    const u32x16 bits = ((bytes & 0x7fu) << 20) | ((bytes & 0x80u) << 24);
+    v16 v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v * 1.329227995784916e36f;  // 2^120
+}
+
+// float32 to the nearest e4m3fn value (ties to even), returned as float32, for |x| <= 448:
+// what torch's conversion to float8_e4m3fn and back gives. Normal values keep 3 mantissa bits;
+// below 2^-6 the step is 2^-9.
+inline float round_to_e4m3(float x) {
+    const float magnitude = std::fabs(x);
+    float rounded;
+    if (magnitude < 0.015625f) {
+        rounded = std::nearbyint(magnitude * 512.0f) * 0.001953125f;
+    } else {
+        uint32_t bits;
+        std::memcpy(&bits, &magnitude, sizeof(bits));
+        bits += 0x7ffffu + ((bits >> 20) & 1u);
+        bits &= 0xfff00000u;
+        std::memcpy(&rounded, &bits, sizeof(rounded));
+    }
+    return std::copysign(rounded, x);
+}
+
 }  // namespace pdserve

@@ -34,24 +34,6 @@ enum QType { Q_F32 = 0, Q_BF16 = 1 };
 constexpr int kMaxHeadDim = 256;
 constexpr int kTileRows = 16;  // query rows (tokens x heads of one group) per unit
 
-// e4m3fn (bias 7, no infinities) to float32 in integer arithmetic the compiler vectorises: a
-// normal value moves its exponent and mantissa into place with the bias raised by 120; a
-// subnormal one is mantissa * 2^-9. The pool never holds NaN (quantization clamps to 448).
-inline float fp8_to_float(uint8_t byte) {
-    const uint32_t magnitude = byte & 0x7fu;
-    const uint32_t sign = static_cast<uint32_t>(byte & 0x80u) << 24;
-    const uint32_t normal = (magnitude << 20) + (120u << 23);
-    float value;
-    std::memcpy(&value, &normal, sizeof(value));
-    const float subnormal = static_cast<float>(magnitude) * 0.001953125f;  // 2^-9
-    value = (magnitude >> 3) ? value : subnormal;
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    bits |= sign;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-}
-
 // exp(x) for x <= 0, 0 below -87 (the weight is 0 to float precision).
 inline float exp_nonpositive(float x) {
     return x <= -87.0f ? 0.0f : exp_clamped(x);

@@ -430,6 +430,7 @@ def test_each_flag_sets_the_fields_that_ask_for_it():
         "--max-queue": ("router.max_queue",), "--kv-weight": ("router.kv_weight",),
         "--kv-transfer-dtype": ("kv_transfer_dtype",), "--address": ("address",),
         "--dtype": ("dtype",), "--attention-backend": ("attention_backend",),
+        "--quantization": ("quantization",),
     }
 
 

@@ -30,7 +30,7 @@ from pdserve.sampling import SamplingParams
 SECRET = "cluster-secret"
 WAIT_S = 10  # how long a queue.get waits for the loop thread before the test fails
 
-FINGERPRINT = Fingerprint("tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef")
+FINGERPRINT = Fingerprint("tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none")
 SAMPLING = SamplingParams(max_tokens=8, temperature=0.5, top_k=40, top_p=0.9, seed=1234,
                           stop_token_ids=(7, 2), ignore_eos=True, output_logits=True)
 
@@ -149,7 +149,7 @@ def test_nested_structs_travel_as_arrays_in_field_order():
     assert wire_of(SAMPLES[protocol.Generate]) == [
         10, "req-1", [1, 2, 3], [8, 0.5, 40, 0.9, 1234, [7, 2], True, True], 2]
     assert wire_of(SAMPLES[protocol.Hello]) == [
-        1, 2, "prefill", ["tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef"],
+        1, 3, "prefill", ["tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none"],
         "s3cret"]
     assert wire_of(SAMPLES[protocol.KVEvents]) == [
         14, "decode-0", 41, [["stored", 2**64 - 1], ["removed", 0]]]
@@ -239,7 +239,7 @@ MALFORMED = {
         "KVEvents.events: Expected `int`, got `str` - at `$[3][0][1]`"),
     "fingerprint-short": (
         broken(SAMPLES[protocol.Hello], (3,), wire_of(SAMPLES[protocol.Hello])[3][:-1]),
-        "Hello.fingerprint: Expected `array` of at least length 8, got 7 - at `$[3]`"),
+        "Hello.fingerprint: Expected `array` of at least length 9, got 8 - at `$[3]`"),
     "fingerprint-layers-str": (
         broken(SAMPLES[protocol.Hello], (3, 1), "2"),
         "Hello.fingerprint: Expected `int`, got `str` - at `$[3][1]`"),
@@ -339,7 +339,7 @@ def test_fingerprint_of_the_tiny_llama(tiny_llama_dir: Path):
                             + (tiny_llama_dir / "tokenizer_config.json").read_bytes())
     fingerprint = Fingerprint.of_model(tiny_llama_dir, 16, "bfloat16", "fp8")
     assert fingerprint == Fingerprint(tiny_llama_dir.name, 2, 2, 16, 16, "bfloat16", "fp8",
-                                      digest.hexdigest()[:16])
+                                      digest.hexdigest()[:16], "none")
     assert (fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim) == (
         config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"])
 
@@ -351,7 +351,7 @@ def test_fingerprint_derives_what_the_config_omits(tmp_path: Path):
         {"num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 3}))
     # head_dim from hidden_size / heads, kv heads = heads, and no tokenizer files hashed.
     assert Fingerprint.of_model(str(model_dir), 4, "float32", "auto") == Fingerprint(
-        "bare", 3, 4, 16, 4, "float32", "auto", hashlib.sha256().hexdigest()[:16])
+        "bare", 3, 4, 16, 4, "float32", "auto", hashlib.sha256().hexdigest()[:16], "none")
 
 
 def test_fingerprint_changes_with_the_tokenizer(tiny_llama_dir: Path, tmp_path: Path):
@@ -371,7 +371,12 @@ def test_fingerprint_fields_are_pinned():
     # Their order is the wire layout of Hello.fingerprint.
     assert Fingerprint.__struct_fields__ == (
         "model", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype",
-        "kv_transfer_dtype", "tokenizer_hash")
+        "kv_transfer_dtype", "tokenizer_hash", "weights")
+
+
+def test_weight_quantization_is_part_of_the_fingerprint():
+    int8 = msgspec.structs.replace(FINGERPRINT, weights="int8-channel-act-none")
+    assert FINGERPRINT.mismatch(int8) == "weights='none' vs 'int8-channel-act-none'"
 
 
 def test_mismatch_is_empty_when_equal():
@@ -517,7 +522,7 @@ def test_a_mismatched_peer_is_refused_with_the_reason(
 
 @pytest.mark.parametrize("first,reason", [
     (protocol.Hello(999, PeerRole.PREFILL, FINGERPRINT, SECRET),
-     "protocol version 999, this worker speaks 2"),
+     "protocol version 999, this worker speaks 3"),
     (protocol.Cancel("sneaky"), "expected Hello first, got Cancel"),
 ], ids=["version", "not-hello"])
 def test_a_raw_peer_is_refused_and_disconnected(
