@@ -27,9 +27,11 @@ def cluster_config(model_dir, decode_tp: int = 1, prefill_tp: int = 1,
                               max_num_batched_tokens=64))
 
 
-def offline_greedy(model_dir, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+def offline_greedy(model_dir, prompts: list[list[int]], max_tokens: int = 12,
+                   **engine_options) -> list[list[int]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    with LLM(str(model_dir), num_blocks=NUM_BLOCKS * 4, block_size=BLOCK_SIZE) as llm:
+    with LLM(str(model_dir), num_blocks=NUM_BLOCKS * 4, block_size=BLOCK_SIZE,
+             **engine_options) as llm:
         return [o.token_ids for o in llm.generate(prompts, params)]
 
 
