@@ -355,3 +355,16 @@ def test_tensors_stay_where_the_checkpoint_put_them(ct_channel_dir):
     assert tensors["model.layers.0.self_attn.q_proj.weight_scale"].shape == (64, 1)
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
     assert "lm_head.weight_scale" not in tensors
+
+
+def test_without_the_cpu_kernels_plain_torch_computes_the_same(monkeypatch):
+    import engine.quantization as quantization
+
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(48, 64, generator=generator)
+    values, scale = quantize_rows(weight, "fp8")
+    x = torch.randn(3, 64, generator=generator)
+    with_kernels = quantized_linear(fp8_round_rows(x), values, scale, 64)
+    monkeypatch.setattr(quantization, "library_or_none", lambda: None)
+    without = quantization.quantized_linear(quantization.fp8_round_rows(x), values, scale, 64)
+    torch.testing.assert_close(without, with_kernels, atol=1e-4, rtol=1e-5)
