@@ -5,7 +5,10 @@
 2. Decode step time at batch 1 and 32 against the memory floor: (weight bytes + the KV bytes
    the step reads) / the copy bandwidth measured here.
 3. Prefill FLOP/s against the bf16 GEMM peak measured here on the model's own shapes.
-4. NIXL transfer between two processes, when nixl is importable (it is not on the H200
+4. fp8 W8A8 weights (``quantization: fp8``, ``torch._scaled_mm`` on CUDA) against the same
+   run's bf16: decode at batch 1 and 32 and prefill, as ratios; and ``_scaled_mm`` against the
+   emulated W8A8 (fp8-rounded activations times dequantized weights) on one 1B-class layer.
+5. NIXL transfer between two processes, when nixl is importable (it is not on the H200
    machine this was written for; the CPU path is covered by tests/e2e).
 
 ``--cpu`` is the smoke run CI does: the tiny model on the CPU, the same steps, seconds.
@@ -37,6 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
+from engine.quantization import (  # noqa: E402
+    QuantizedLinear,
+    fp8_round_rows,
+    quantize_rows,
+    quantized_linear,
+    scaled_mm_linear,
+)
 from pdserve.modelgen import SIZES, ModelShape, create_model  # noqa: E402
 
 # A 1B-class shape (Llama-3.2-1B's layers with the embedded 512-token vocabulary).
@@ -148,20 +158,24 @@ def gemm_peak(device: str, dtype: torch.dtype, shapes: list[tuple[int, int]],
 
 
 @torch.inference_mode()
-def check_speed(model_dir: Path, device: str, vocab: int, cpu: bool) -> dict:
+def check_speed(model_dir: Path, device: str, vocab: int, cpu: bool,
+                quantization: str = "auto") -> dict:
     dtype = "float32" if cpu else "bfloat16"
     context, steps = (64, 8) if cpu else (512, 32)
     with LLM(model_dir, device=device, dtype=dtype, num_blocks=2048 if not cpu else 256,
-             max_model_len=2048 if not cpu else 512) as llm:
+             max_model_len=2048 if not cpu else 512, quantization=quantization) as llm:
         runner: ModelRunner = llm.engine.executor.runner
         model, config = runner.model, runner.config
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.layers.parameters())
-        weight_bytes += model.lm_head.numel() * model.lm_head.element_size()
+        tensors = [*model.layers.parameters(), *model.layers.buffers(), model.lm_head]
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
         kv_per_token = (config.num_layers * 2 * config.num_kv_heads * config.head_dim
                         * runner.kv_cache.data.element_size())
         bandwidth = copy_bandwidth(device, (64 if cpu else 2048) * 2**20)
         result = {"dtype": dtype, "attention_backend": runner.attention.name,
-                  "copy_bandwidth_b_s": bandwidth, "weight_bytes": weight_bytes}
+                  "quantization": quantization, "copy_bandwidth_b_s": bandwidth,
+                  "weight_bytes": weight_bytes,
+                  "scaled_mm_layers": sum(isinstance(m, QuantizedLinear) and m.use_scaled_mm
+                                          for m in model.modules())}
         for batch in (1, 32):
             step = decode_steps(llm, batch, context, steps, vocab, device)
             floor = (weight_bytes + batch * context * kv_per_token) / bandwidth
@@ -188,6 +202,30 @@ def check_speed(model_dir: Path, device: str, vocab: int, cpu: bool) -> dict:
     return result
 
 
+@torch.inference_mode()
+def check_quantization(model_dir: Path, device: str, vocab: int, cpu: bool,
+                       plain: dict) -> dict:
+    """fp8 W8A8 speed as ratios to ``plain`` (check_speed's figures in the compute dtype), and
+    ``_scaled_mm`` against the emulated W8A8 on one layer."""
+    fp8 = check_speed(model_dir, device, vocab, cpu, quantization="fp8")
+    result = {"fp8": fp8}
+    for key in ("decode_batch_1", "decode_batch_32"):
+        result[f"{key}_fp8_over_{plain['dtype']}"] = fp8[key]["step_s"] / plain[key]["step_s"]
+    result[f"prefill_fp8_over_{plain['dtype']}"] = (fp8["prefill"]["seconds"]
+                                                    / plain["prefill"]["seconds"])
+    rows, (in_features, out_features) = 32, ((256, 512) if cpu else (2048, 8192))
+    generator = torch.Generator(device=device).manual_seed(5)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    x = torch.randn(rows, in_features, device=device, generator=generator).to(dtype)
+    values, scale = quantize_rows(
+        torch.randn(out_features, in_features, device=device, generator=generator), "fp8")
+    exact = quantized_linear(fp8_round_rows(x), values, scale, in_features).float()
+    fast = scaled_mm_linear(x, values, scale, None).float()
+    result["scaled_mm_vs_emulated_max_rel_error"] = float(
+        (fast - exact).abs().max() / exact.abs().max())
+    return result
+
+
 def check_nixl() -> dict:
     try:
         import nixl  # noqa: F401
@@ -210,9 +248,12 @@ def main() -> None:
         model_dir = generated_model(args, Path(root))
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         report["model"] = {"dir": str(model_dir), "vocab_size": vocab}
-        for name, check in (("parity", lambda: check_parity(model_dir, device, vocab)),
-                            ("speed", lambda: check_speed(model_dir, device, vocab, args.cpu)),
-                            ("nixl", check_nixl)):
+        checks = (("parity", lambda: check_parity(model_dir, device, vocab)),
+                  ("speed", lambda: check_speed(model_dir, device, vocab, args.cpu)),
+                  ("quantization", lambda: check_quantization(model_dir, device, vocab,
+                                                              args.cpu, report["speed"])),
+                  ("nixl", check_nixl))
+        for name, check in checks:
             try:
                 report[name] = check()
             except Exception as error:  # one failing check must not hide the others' figures

@@ -24,4 +24,8 @@ def test_device_check_smoke_writes_every_figure(tmp_path):
     for figure in ("decode_batch_1", "decode_batch_32"):
         assert speed[figure]["step_s"] > 0 and speed[figure]["floor_s"] > 0
     assert speed["prefill"]["flop_s"] > 0 and speed["prefill"]["gemm_peak_flop_s"] > 0
+    quantization = report["quantization"]
+    assert quantization["fp8"]["quantization"] == "fp8"
+    assert quantization["decode_batch_1_fp8_over_float32"] > 0
+    assert quantization["scaled_mm_vs_emulated_max_rel_error"] < 0.01
     assert "skipped" in report["nixl"]
