@@ -20,7 +20,7 @@ from engine.cuda_graphs import DecodeBuffers, DecodeGraphs
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.parallel import TensorParallel, local_kv_heads
-from engine.quantization import enable_scaled_mm
+from engine.quantization import enable_fast_paths
 from engine.weights import load_weights
 from pdserve.quant_config import QuantScheme
 
@@ -76,13 +76,10 @@ class ModelRunner:
             self.model = CausalLM(self.config, tp, self.dtype, options.max_model_len,
                                   options.quant)
         load_weights(self.model, Path(options.model_dir))
-        if options.quant is not None and tp.rank == 0:
-            scaled_mm = enable_scaled_mm(self.model, self.device, self.dtype)
-            path = ("torch._scaled_mm (W8A8)" if scaled_mm else
-                    "pdserve CPU kernels" if self.device.type == "cpu" else "dequantize + GEMM")
-            logger.info("weights: %s; compute: %s", options.quant.describe(), path)
-        elif options.quant is not None:
-            enable_scaled_mm(self.model, self.device, self.dtype)
+        if options.quant is not None:
+            path = enable_fast_paths(self.model, self.device, self.dtype)
+            if tp.rank == 0:
+                logger.info("weights: %s; compute: %s", options.quant.describe(), path)
         _, num_kv_heads = local_kv_heads(self.config.num_kv_heads, tp)
         graphs = self.device.type == "cuda" and not options.enforce_eager
         # Decode graphs write their padding rows' K/V into one block past the pool's end.

@@ -121,8 +121,7 @@ def dequantize_into_scratch(values: torch.Tensor, scale: torch.Tensor, group_siz
     rows, columns = values.shape
     library = library_or_none() if values.device.type == "cpu" else None
     if library is None or dtype not in _X_TYPES:
-        out = _scratch_weight(rows, columns, dtype, values.device)
-        return out.copy_(dequantize(values, scale, group_size, dtype))
+        return dequantize(values, scale, group_size, dtype)  # CUDA: its caching allocator
     out = _scratch_weight(rows, columns, dtype, values.device)
     library.pdserve_dequantize(_Q_TYPES[values.dtype], _X_TYPES[dtype], values.data_ptr(),
                                scale.data_ptr(), group_size, out.data_ptr(), rows, columns,
@@ -193,7 +192,7 @@ class QuantizedLinear(nn.Module):
                      if bias else None)
         self.input_scales: dict[str | None, float] = {}
         self._loaded: set[tuple[str | None, str]] = set()
-        self.use_scaled_mm = False  # set by the runner on CUDA where _scaled_mm applies
+        self.fast_path = "none"  # "scaled_mm" | "int8pack": set on CUDA by enable_fast_paths
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -300,9 +299,11 @@ class QuantizedLinear(nn.Module):
                 end: int) -> torch.Tensor:
         values, scale = self.weight[begin:end], self.scale[begin:end]
         if self.scheme.activations != "none":
-            if self.use_scaled_mm:
+            if self.fast_path == "scaled_mm":
                 return scaled_mm_linear(x, values, scale, x_scale)
             x = fp8_round_rows(x, x_scale)
+        elif self.fast_path == "int8pack":
+            return torch._weight_int8pack_mm(x, values, scale.view(-1).to(x.dtype))
         return quantized_linear(x, values, scale, self.group_size)
 
 
@@ -331,15 +332,28 @@ def row_parallel(in_features: int, out_features: int, tp: TensorParallel, dtype:
                            in_features, False, dtype, tp)
 
 
-def enable_scaled_mm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+def enable_fast_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     """On CUDA, let fp8 layers with fp8 activations and one scale per row run
-    ``torch._scaled_mm``; returns whether any does."""
-    enabled = False
+    ``torch._scaled_mm``, and int8 layers ``torch._weight_int8pack_mm``, where one layer's
+    trial call succeeds; returns the compute path for the start-up log."""
+    if device.type != "cuda":
+        return "pdserve CPU kernels" if device.type == "cpu" else "dequantize + GEMM"
+    paths = set()
     for module in model.modules():
-        if (isinstance(module, QuantizedLinear) and device.type == "cuda"
-                and dtype == torch.bfloat16 and module.scheme.weights == "fp8"
-                and module.scheme.activations != "none" and module.scheme.block is None
-                and module.weight.shape[0] % 16 == 0 and module.weight.shape[1] % 16 == 0):
-            module.use_scaled_mm = True
-            enabled = True
-    return enabled
+        if not isinstance(module, QuantizedLinear):
+            continue
+        scheme, (rows, columns) = module.scheme, module.weight.shape
+        if (scheme.weights == "fp8" and scheme.activations != "none" and scheme.block is None
+                and dtype == torch.bfloat16 and rows % 16 == 0 and columns % 16 == 0):
+            module.fast_path = "scaled_mm"
+        elif scheme.weights == "int8" and dtype in (torch.bfloat16, torch.float16):
+            module.fast_path = "int8pack"
+        if module.fast_path != "none":
+            try:  # a kernel this torch build or GPU lacks fails here, not mid-request
+                module(torch.zeros(1, columns, dtype=dtype, device=device))
+            except (RuntimeError, NotImplementedError):
+                module.fast_path = "none"
+        paths.add(module.fast_path)
+    names = {"scaled_mm": "torch._scaled_mm (W8A8)", "int8pack": "torch._weight_int8pack_mm",
+             "none": "dequantize + GEMM"}
+    return ", ".join(sorted(names[path] for path in paths))

@@ -174,8 +174,8 @@ def check_speed(model_dir: Path, device: str, vocab: int, cpu: bool,
         result = {"dtype": dtype, "attention_backend": runner.attention.name,
                   "quantization": quantization, "copy_bandwidth_b_s": bandwidth,
                   "weight_bytes": weight_bytes,
-                  "scaled_mm_layers": sum(isinstance(m, QuantizedLinear) and m.use_scaled_mm
-                                          for m in model.modules())}
+                  "fast_path_layers": sum(isinstance(m, QuantizedLinear)
+                                          and m.fast_path != "none" for m in model.modules())}
         for batch in (1, 32):
             step = decode_steps(llm, batch, context, steps, vocab, device)
             floor = (weight_bytes + batch * context * kv_per_token) / bandwidth
