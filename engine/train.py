@@ -8,14 +8,15 @@ library's own source (``engine/train_corpus.py``), and writes each as an HF chec
 ``LlamaForCausalLM`` and pdserve's engine both load.
 
 Why these sizes. With 2 threads the CPU trains modelgen's "small" shape (27M parameters) at
-about 870 tokens/s: ten minutes would show it 0.5M tokens, 0.02 per parameter, and it would
-stay near the unigram distribution. A quarter of its width and two thirds of its depth
+about 870 tokens/s: ten minutes would show it 0.5M tokens, 0.02 per parameter, far too few
+to learn much. Half its width and two thirds of its depth
 (hidden 256, 6 layers, 4 query / 2 KV heads of 64, SwiGLU 704: 4.7M parameters) trains at
-about 4,300 tokens/s, so ``TrainSpec``'s defaults show it 2.5M tokens in about ten minutes,
-closer to what a fixed compute budget favours. The draft (hidden 128, 2 layers, 2 / 1 heads:
-0.5M parameters, a ninth of the target) costs a seventh as much per token and trains on the
-same batches in about a minute and a half. The context is the training sequence length
-(256); the model has never seen a later position.
+about 4,300 tokens/s, so ``TrainSpec``'s defaults (1,000 steps of 8 x 256 tokens) show it
+2M tokens in about nine minutes, closer to what a fixed compute budget favours. The draft
+(hidden 128, 2 layers, 2 / 1 heads: 0.5M parameters, a ninth of the target) costs a seventh
+as much per token and trains on the same batches in about a minute. Both fit the 15-minute
+budget with room for a busy machine (measured: docs/quality.md). The context is the
+training sequence length (256); the models have never seen a later position.
 
 The model below computes what HF ``LlamaForCausalLM`` computes (float32 RMSNorm, rotate-half
 rotary with ``rope_theta`` and no scaling, grouped-query attention, SwiGLU, untied

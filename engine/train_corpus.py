@@ -71,6 +71,7 @@ class Corpus:
 
 
 def stdlib_root() -> Path:
+    """The running interpreter's standard library directory."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -111,6 +112,7 @@ def build_corpus(tokenizer: Tokenizer, max_bytes: int, heldout_every: int) -> Co
 
 
 def encode_files(tokenizer: Tokenizer, root: Path, files: list[Path]) -> TokenStream:
+    """Each file as ``<|bos|> text <|eos|>`` (undecodable bytes replaced), concatenated."""
     raw = [path.read_bytes() for path in files]
     texts = [data.decode("utf-8", errors="replace") for data in raw]
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
@@ -155,4 +157,5 @@ def load_heldout(model_dir: str | Path) -> list[int]:
 
 
 def tokenizer_digest(path: Path) -> str:
+    """sha256 of a tokenizer.json: which tokenizer held-out ids were encoded with."""
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--arch", choices=sorted(modelgen.ARCHS), default="llama")
     create.add_argument("--shards", type=_positive_int, default=1, help="safetensors files")
     create.set_defaults(handler=_create_model)
+    train = model_commands.add_parser(
+        "train", help="train a target/draft pair on Python's standard library (~10 min)",
+        description="Train a small Llama target and a smaller draft with the same tokenizer on "
+                    "the running interpreter's standard library, for quality and speculative-"
+                    "decoding benchmarks (engine/train.py). Without DIR the pair is cached in "
+                    "the pdserve home and trained only once.")
+    train.add_argument("dir", nargs="?", default=None,
+                       help="directory to write target/ and draft/ into (new or empty)")
+    train.add_argument("--steps", type=_positive_int, default=None,
+                       help="optimizer steps of each model (default: TrainSpec's)")
+    train.add_argument("--seed", type=int_in(0), default=None,
+                       help="seed of the weights and the batch order (default: TrainSpec's)")
+    train.set_defaults(handler=_train_models)
 
     serve = commands.add_parser(
         "serve", help="start a cluster and its OpenAI-compatible HTTP server",
@@ -89,6 +102,32 @@ def _create_model(args: argparse.Namespace) -> int:
     path = modelgen.create_model(args.dir, args.size, args.arch, num_shards=args.shards)
     print(path)
     print(f"parameters: {modelgen.parameter_count(args.size, args.arch)}")
+    return 0
+
+
+def _train_models(args: argparse.Namespace) -> int:
+    # Imported here: training needs torch, which the light base must not load.
+    import json
+    import logging
+    from pathlib import Path
+
+    from engine.train import TrainSpec, ensure_trained_pair, train_pair
+
+    given = {name: getattr(args, name) for name in ("steps", "seed")}
+    spec = TrainSpec(**{name: value for name, value in given.items() if value is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.dir is None:
+        paths = ensure_trained_pair(spec)
+    elif Path(args.dir).exists() and any(Path(args.dir).iterdir()):
+        raise ValueError(f"{args.dir!r} is not empty: give a new or empty directory")
+    else:
+        paths = train_pair(args.dir, spec)
+    for name, path in zip(("target", "draft"), paths, strict=True):
+        record = json.loads((path / "training.json").read_text(encoding="utf-8"))
+        print(f"{name}: {path}")
+        print(f"  held-out loss {record['heldout_loss']:.4f} nats/token (perplexity "
+              f"{record['heldout_perplexity']:.3f}), {record['num_parameters']:,} parameters, "
+              f"trained in {record['wall_time_s']} s")
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,16 +249,20 @@ def create_model(
     tokenizer = build_tokenizer()
     tensors = {name: make_tensor(name, dims, shape) for name, dims in shapes.items()}
     _write_weights(out, tensors, num_shards)
+    write_tokenizer_files(out, tokenizer, shape.max_position_embeddings)
+    write_json(out / "config.json", {**model_config(shape, spec, tokenizer), **overrides})
+    return out
+
+
+def write_tokenizer_files(out: Path, tokenizer: Tokenizer, max_length: int) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and
+    generation_config.json, as every checkpoint pdserve builds carries them."""
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
-    _write_json(
-        out / "tokenizer_config.json", tokenizer_config(tokenizer, shape.max_position_embeddings)
-    )
-    _write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN})
-    _write_json(out / "config.json", {**model_config(shape, spec, tokenizer), **overrides})
+    write_json(out / "tokenizer_config.json", tokenizer_config(tokenizer, max_length))
+    write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN})
     eos_ids = [tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(IM_END_TOKEN)]
     generation = {"bos_token_id": tokenizer.token_to_id(BOS_TOKEN), "eos_token_id": eos_ids}
-    _write_json(out / "generation_config.json", generation)
-    return out
+    write_json(out / "generation_config.json", generation)
 
 
 def _write_weights(out: Path, tensors: dict[str, np.ndarray], num_shards: int) -> None:
@@ -273,10 +278,11 @@ def _write_weights(out: Path, tensors: dict[str, np.ndarray], num_shards: int) -
         weight_map.update(dict.fromkeys(shard, filename))
     total_size = sum(tensor.nbytes for tensor in tensors.values())
     index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    _write_json(out / "model.safetensors.index.json", index_json)
+    write_json(out / "model.safetensors.index.json", index_json)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """JSON with sorted keys and a final newline, so the bytes never depend on dict order."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -296,13 +302,23 @@ def default_model_dir(size: str = "tiny", arch: str = "llama") -> Path:
     """Where the default model of this size and arch is cached ($PDSERVE_HOME or ~/.cache)."""
     _shape(size)
     _arch(arch)
+    return models_home() / f"{arch}-{size}-{MODEL_VERSION}"
+
+
+def models_home() -> Path:
+    """Where built models are cached: $PDSERVE_HOME/models, else ~/.cache/pdserve/models."""
     home = os.environ.get("PDSERVE_HOME") or Path.home() / ".cache" / "pdserve"
-    return Path(home) / "models" / f"{arch}-{size}-{MODEL_VERSION}"
+    return Path(home) / "models"
 
 
 def ensure_default_model(size: str = "tiny", arch: str = "llama") -> Path:
     """Create the default model if it is not cached yet; return its directory."""
-    final = default_model_dir(size, arch)
+    return ensure_built(default_model_dir(size, arch), lambda out: create_model(out, size, arch))
+
+
+def ensure_built(final: Path, build: Callable[[Path], object]) -> Path:
+    """``build(staging)`` into a temp dir beside ``final``, renamed to ``final``; nothing
+    is built when ``final`` exists. Returns ``final``."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +326,7 @@ def ensure_default_model(size: str = "tiny", arch: str = "llama") -> Path:
     # and a concurrent creator either wins the rename or finds the finished directory.
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        create_model(staging, size, arch)
+        build(staging)
         os.rename(staging, final)
     except OSError:
         if not final.is_dir():
