@@ -50,12 +50,24 @@ def launch(config: ClusterConfig | str | Path, probe: Probe | None = None) -> Cl
 
 
 def _init_ray(address: str) -> None:
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        if address == "local":  # a new instance, never one `ray start` runs (maybe multi-node)
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
     if address == "local":
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        _check_one_node()
+
+
+def _check_one_node() -> None:
+    """``address: local`` binds the request plane to loopback: refuse a Ray this process had
+    already joined that spans several nodes (workers elsewhere could not be reached)."""
+    num_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if num_nodes > 1:
+        raise ValueError(f"address: 'local' is invalid, must be 'auto' or the head's "
+                         f"address: this process is connected to a Ray cluster of "
+                         f"{num_nodes} nodes, and a local cluster's workers listen on "
+                         f"127.0.0.1 only")
 
 
 class Cluster:

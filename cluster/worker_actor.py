@@ -24,6 +24,7 @@ from pdserve.protocol import Fingerprint, PeerRole
 from pdserve.worker_commands import EndpointWire
 from pdserve.worker_stats import Role
 
+LOOPBACK = "127.0.0.1"
 
 @dataclass(frozen=True, slots=True)
 class RankIdentity:
@@ -145,11 +146,19 @@ class WorkerRank:
         group = RankGroup(self.rank_worker, self.identity.size)
         is_decode = self.identity.role is Role.DECODE
         self.loop = WorkerLoop(self.identity.worker_id, self.fingerprint, self.secret,
-                               ray.util.get_node_ip_address(),
+                               self._request_plane_host(),
                                PeerRole.DECODE if is_decode else PeerRole.PREFILL)
         if is_decode:
             return self._build_decode(options, group)
         return self._build_prefill(options, group)
+
+    def _request_plane_host(self) -> str:
+        """Where the worker's request-plane server listens: loopback when the whole cluster
+        runs on this machine (``address: local``), so nothing off it can connect; else the
+        node's address, which the other nodes route to."""
+        if self.config.address == "local":
+            return LOOPBACK
+        return ray.util.get_node_ip_address()
 
     def _build_decode(self, options, group):
         from decode.worker import DecodeOptions, DecodeWorker

@@ -9,6 +9,7 @@ An error names the field's path and value: ``decode.max_num_seqs: 0 is invalid, 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -115,6 +116,18 @@ class PrefillConfig:
         check_fields(self, "prefill.")
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")
+
+
+def _is_origin_list(origins: Any) -> bool:
+    """A browser's ``Origin`` is ``scheme://host[:port]``: a path or a slash never matches."""
+    if not isinstance(origins, list):
+        return False
+    if origins == ["*"]:
+        return True
+    return all(isinstance(origin, str) and _ORIGIN.fullmatch(origin) for origin in origins)
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     """The HTTP front door: where it listens, how much it admits, how it picks a worker.
@@ -122,7 +135,8 @@ class RouterConfig:
     Up to ``max_running`` requests are in flight to the workers (None: every decode worker's
     ``max_num_seqs``); up to ``max_queue`` more wait in a priority queue; beyond that a
     request is answered 429. ``kv_weight`` weighs the blocks a worker would have to prefill
-    against the blocks its running requests hold (0: load only).
+    against the blocks its running requests hold (0: load only). ``cors_allow_origins`` lists
+    the web origins whose pages may call the API from a browser; empty, no CORS headers go out.
     """
 
     host: str = setting("127.0.0.1", expected="a host name or address", flag="--host",
@@ -139,6 +153,11 @@ class RouterConfig:
     served_model_name: str | None = setting(None)  # None: the model directory's name
     retry_after_s: int = setting(1, minimum=0)
     max_request_bytes: int = setting(4 * 1024 * 1024, minimum=1)  # larger: answered 413
+    # Origins whose web pages may call the API from a browser; empty: no CORS headers at all
+    cors_allow_origins: list[str] = setting(
+        factory=list, accepts=_is_origin_list,
+        expected="a list of origins (scheme://host[:port], no path, e.g. "
+                 "'https://app.example.com'), or ['*'] for any")
 
     def __post_init__(self) -> None:
         check_fields(self, "router.")

@@ -7,9 +7,9 @@ are read. Decoding checks every field's type, nested Structs included, so a peer
 a string where token ids belong is refused at the edge with the message and field named
 (``ProtocolError``), and the connection closes; nothing malformed reaches a worker.
 
-A connection opens with ``Hello`` (protocol version, the peer's fingerprint, the cluster
-secret) answered by ``HelloReply``; a peer whose version, secret or fingerprint differs is
-refused with a reason and disconnected. Messages carry token ids, block ids and hashes,
+A connection opens with ``Challenge`` (listener), ``Hello`` (dialler) and ``HelloReply``
+(listener): a challenge and response that proves the dialler holds the cluster secret
+without sending it (``pdserve/handshake.py``). Messages carry token ids, block ids and hashes,
 never tensors.
 """
 
@@ -18,18 +18,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
-import hmac
 import re
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import msgspec
 
 from pdserve.checkpoint_files import read_json
 from pdserve.sampling import SamplingParams
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -113,12 +112,21 @@ class Message(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
 # -- handshake ------------------------------------------------------------------------------
 
 class Hello(Message, tag=1):
-    """The first message of a connection, from the side that opened it."""
+    """The dialling side's answer to ``Challenge``: who it is, and ``proof`` that it holds
+    the cluster secret (``hello_proof``)."""
 
     version: int
     role: PeerRole
     fingerprint: Fingerprint
-    secret: str
+    proof: bytes
+
+
+class Challenge(Message, tag=3):
+    """The first message of a connection, from the side that listens: a nonce never sent
+    before, which the dialling side's ``Hello`` must prove it holds the secret against."""
+
+    version: int
+    nonce: bytes
 
 
 class HelloReply(Message, tag=2):
@@ -245,9 +253,9 @@ class Error(Message, tag=30):
 
 MESSAGES: dict[int, type[Message]] = {
     cls.__struct_config__.tag: cls
-    for cls in (Hello, HelloReply, Generate, TokenChunk, Cancel, Subscribe, KVEvents,
-                KVSnapshot, Load, PrefillJob, JobReply, CancelJob, CancelJobReply, QueueDepth,
-                Error)
+    for cls in (Hello, HelloReply, Challenge, Generate, TokenChunk, Cancel, Subscribe,
+                KVEvents, KVSnapshot, Load, PrefillJob, JobReply, CancelJob, CancelJobReply,
+                QueueDepth, Error)
 }
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGES.values())])  # noqa: UP007
@@ -293,49 +301,16 @@ def _locate(payload: bytes, reason: str) -> str:
     return f"{cls.__name__}: {reason}"
 
 
-async def read_message(reader: asyncio.StreamReader,
-                       max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """The next message; ``asyncio.IncompleteReadError`` when the peer closed."""
+async def read_frame(reader: asyncio.StreamReader,
+                     max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """The next frame's payload; ``asyncio.IncompleteReadError`` when the peer closed."""
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     if size > max_frame_bytes:
         raise ProtocolError(f"frame of {size} bytes exceeds the {max_frame_bytes}-byte limit")
-    return decode(await reader.readexactly(size))
+    return await reader.readexactly(size)
 
 
-# -- handshake ------------------------------------------------------------------------------
-
-async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 fingerprint: Fingerprint, secret: str, worker_id: str) -> Hello:
-    """Server side: read the peer's Hello and refuse a mismatch (then raise ProtocolError)."""
-    hello = await read_message(reader)
-    reason = _refusal(hello, fingerprint, secret)
-    writer.write(encode(HelloReply(not reason, reason, worker_id)))
-    await writer.drain()
-    if reason:
-        raise ProtocolError(reason)
-    return hello
-
-
-def _refusal(hello: Any, fingerprint: Fingerprint, secret: str) -> str:
-    if not isinstance(hello, Hello):
-        return f"expected Hello first, got {type(hello).__name__}"
-    if hello.version != PROTOCOL_VERSION:
-        return f"protocol version {hello.version}, this worker speaks {PROTOCOL_VERSION}"
-    if not hmac.compare_digest(hello.secret.encode(), secret.encode()):
-        return "wrong cluster secret"
-    differs = fingerprint.mismatch(hello.fingerprint)
-    return f"fingerprint mismatch (this worker vs peer): {differs}" if differs else ""
-
-
-async def connect(host: str, port: int, role: PeerRole, fingerprint: Fingerprint, secret: str,
-                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, HelloReply]:
-    """Client side: open a connection and shake hands; ProtocolError if refused."""
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(encode(Hello(PROTOCOL_VERSION, role, fingerprint, secret)))
-    await writer.drain()
-    reply = await read_message(reader)
-    if not isinstance(reply, HelloReply) or not reply.ok:
-        writer.close()
-        reason = reply.reason if isinstance(reply, HelloReply) else type(reply).__name__
-        raise ProtocolError(f"{host}:{port} refused the connection: {reason}")
-    return reader, writer, reply
+async def read_message(reader: asyncio.StreamReader,
+                       max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """The next message; ``asyncio.IncompleteReadError`` when the peer closed."""
+    return decode(await read_frame(reader, max_frame_bytes))

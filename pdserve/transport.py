@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pdserve import protocol
+from pdserve import handshake, protocol
 from pdserve.protocol import Fingerprint, Message, PeerRole, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -123,12 +123,13 @@ async def _pump(connection: Connection, reader: asyncio.StreamReader, on_message
 
 async def serve(host: str, port: int, fingerprint: Fingerprint, secret: str, worker_id: str,
                 on_message: OnMessage, on_close: OnClose) -> asyncio.base_events.Server:
-    """Listen; each connection shakes hands, then its messages go to ``on_message``."""
+    """Listen; each connection shakes hands (``pdserve.handshake``), then its messages go
+    to ``on_message``."""
     loop = asyncio.get_running_loop()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            hello = await protocol.accept(reader, writer, fingerprint, secret, worker_id)
+            hello = await handshake.accept(reader, writer, fingerprint, secret, worker_id)
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as error:
             logger.warning("refused a request-plane peer: %s", error)
             writer.close()
@@ -142,7 +143,7 @@ async def serve(host: str, port: int, fingerprint: Fingerprint, secret: str, wor
 async def open_connection(host: str, port: int, role: PeerRole, fingerprint: Fingerprint,
                           secret: str, on_message: OnMessage, on_close: OnClose) -> Connection:
     """Connect and shake hands; the reader runs as a task feeding ``on_message``."""
-    reader, writer, reply = await protocol.connect(host, port, role, fingerprint, secret)
+    reader, writer, reply = await handshake.connect(host, port, role, fingerprint, secret)
     connection = Connection(asyncio.get_running_loop(), writer, reply.worker_id)
     asyncio.get_running_loop().create_task(_pump(connection, reader, on_message, on_close))
     return connection

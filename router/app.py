@@ -1,8 +1,10 @@
 """The HTTP front door: FastAPI routes over a ``Router``, OpenAI-compatible.
 
-Every response carries ``X-Request-Id`` (the client's, or a new one) and every refusal an
-OpenAI-style error body. A streamed response whose worker fails ends with an error event and
-``[DONE]``; a client that goes away cancels its request all the way down.
+Every generation response carries ``X-Request-Id`` (the client's, or a new one) and every
+refusal an OpenAI-style error body, a failure nobody foresaw included (a 500 naming the
+request id its log line carries). A streamed response whose worker fails ends with an error
+event and ``[DONE]``; a client that goes away cancels its request all the way down. Browsers
+get CORS headers only from the origins ``router.cors_allow_origins`` lists.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import re
 import time
 import uuid
@@ -20,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from router.openai_api import (
     APIError,
@@ -27,15 +32,21 @@ from router.openai_api import (
     bad_request,
     chunk,
     full_response,
+    internal_error,
     parse_chat,
     parse_completion,
     usage,
     usage_chunk,
 )
+from router.request_body import read_json
 from router.service import ClientGone, Generation, Outcome, Router
+
+logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _PUBLIC_PATHS = ("/health",)
+_CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-Id"]
+_CORS_EXPOSED = ["X-Request-Id", "X-Pdserve-Worker", "Retry-After"]
 
 
 def build_app(router: Router, api_key: str | None = None) -> FastAPI:
@@ -44,7 +55,9 @@ def build_app(router: Router, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         body = APIError(error.status_code, str(error.detail)).body()
-        return JSONResponse(body, error.status_code, headers=_id_header(request))
+        request_id = request.scope.get("pdserve.request_id")
+        return JSONResponse(body, error.status_code,
+                            headers={"X-Request-Id": request_id} if request_id else None)
 
     @app.get("/health")
     async def health() -> Response:
@@ -71,21 +84,54 @@ def build_app(router: Router, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _generate(router, request, parse_chat)
 
+    # Each middleware added runs before the ones added earlier.
     if api_key is not None:
         app.add_middleware(_RequireAPIKey, api_key=api_key)
-    app.add_middleware(_StampArrival)  # added last: runs first
+    origins = router.config.cors_allow_origins
+    if origins:  # outside the key check: a preflight carries no Authorization
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=_CORS_HEADERS, expose_headers=_CORS_EXPOSED)
+    app.add_middleware(_Edge)
     return app
 
 
-class _StampArrival:
-    """Note when a request reached the app, before routing and any middleware."""
+class _Edge:
+    """The outermost layer: notes when a request arrived and its id, before routing and any
+    middleware, and turns an exception nothing caught into a logged 500 with an OpenAI-style
+    body naming the id (plain ASGI: it must not buffer streamed responses)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         scope["pdserve.arrived_s"] = time.perf_counter()
-        await self.app(scope, receive, send)
+        request_id = scope["pdserve.request_id"] = _request_id(scope)
+        is_started = False
+
+        async def send_noting_start(message) -> None:
+            nonlocal is_started
+            is_started = is_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception:
+            logger.exception("request %s failed in the router", request_id)
+            if not is_started:  # else the client sees the response cut short
+                response = _internal_error_response(request_id, {"X-Request-Id": request_id})
+                await response(scope, receive, send)
+
+
+def _request_id(scope) -> str:
+    """The client's ``X-Request-Id`` when it is well-formed, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return uuid.uuid4().hex
 
 
 class _RequireAPIKey:
@@ -110,16 +156,16 @@ class _RequireAPIKey:
 
 async def _generate(router: Router, http: Request,
                     parse: Callable[[object], GenerateRequest]) -> Response:
-    arrived_s = http.scope.get("pdserve.arrived_s") or time.perf_counter()
-    given_id = http.headers.get("x-request-id")
-    request_id = given_id if given_id and _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+    """Refuse what must be refused, else answer with the generation; every way out counts
+    the request once (a started generation counts itself when it closes)."""
+    request_id = http.scope["pdserve.request_id"]
     headers = {"X-Request-Id": request_id}
     try:
-        if given_id is not None and given_id != request_id:
-            raise bad_request("X-Request-Id must be 1-128 of [A-Za-z0-9._:-]", "X-Request-Id")
-        request = parse(await _json_body(http, router.config.max_request_bytes))
-        generation = await router.open(request, request_id, arrived_s,
-                                       client_gone=lambda: _disconnected(http))
+        generation = await _start(router, http, parse, request_id)
+    except ClientDisconnect:
+        logger.info("request %s: the client disconnected before its body ended", request_id)
+        router.metrics.requests.labels("cancelled").inc()
+        return Response(status_code=499, headers=headers)
     except ClientGone:
         router.metrics.requests.labels("cancelled").inc()
         return Response(status_code=499, headers=headers)
@@ -127,14 +173,39 @@ async def _generate(router: Router, http: Request,
         status = "rejected" if error.status in (429, 503) else "invalid"
         router.metrics.requests.labels(status).inc()
         return _error_response(router, error, headers)
+    except Exception:
+        logger.exception("request %s failed in the router", request_id)
+        router.metrics.requests.labels("error").inc()
+        return _internal_error_response(request_id, headers)
     headers["X-Pdserve-Worker"] = generation.handle.worker_id
-    if request.stream:
+    if generation.request.stream:
         return StreamingResponse(_sse(generation), media_type="text/event-stream",
                                  headers=headers | {"Cache-Control": "no-cache"})
+    return await _respond(router, http, generation, headers)
+
+
+async def _start(router: Router, http: Request, parse: Callable[[object], GenerateRequest],
+                 request_id: str) -> Generation:
+    given_id = http.headers.get("x-request-id")
+    if given_id is not None and given_id != request_id:
+        raise bad_request("X-Request-Id must be 1-128 of [A-Za-z0-9._:-]", "X-Request-Id")
+    request = parse(await read_json(http, router.config.max_request_bytes))
+    return await router.open(request, request_id, http.scope["pdserve.arrived_s"],
+                             client_gone=lambda: _disconnected(http))
+
+
+async def _respond(router: Router, http: Request, generation: Generation,
+                   headers: dict) -> Response:
+    """The whole non-streamed answer, or 499 when the client leaves first."""
+    request, request_id = generation.request, generation.handle.request_id
     try:
         result = await _until_disconnect(http, _collect(generation))
     except APIError as error:
         return _error_response(router, error, headers)
+    except Exception:
+        logger.exception("request %s failed in the router", request_id)
+        generation.close("error")
+        return _internal_error_response(request_id, headers)
     finally:
         generation.close()
     if result is None:
@@ -150,23 +221,8 @@ def _error_response(router: Router, error: APIError, headers: dict) -> JSONRespo
     return JSONResponse(error.body(), error.status, headers=headers)
 
 
-async def _json_body(http: Request, max_bytes: int) -> object:
-    too_large = APIError(413, f"the request body is larger than {max_bytes} bytes "
-                              f"(router.max_request_bytes)", code="request_too_large")
-    declared = http.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    parts, size = [], 0
-    async for part in http.stream():
-        size += len(part)
-        if size > max_bytes:
-            raise too_large
-        parts.append(part)
-    try:
-        return json.loads(b"".join(parts))
-    except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, absurd numbers
-        raise bad_request(f"the request body is not valid JSON: {error}",
-                          code="invalid_json") from None
+def _internal_error_response(request_id: str, headers: dict) -> JSONResponse:
+    return JSONResponse(internal_error(request_id).body(), 500, headers=headers)
 
 
 async def _collect(generation: Generation) -> tuple[str, Outcome]:
@@ -198,6 +254,10 @@ async def _sse(generation: Generation) -> AsyncIterator[str]:
                     yield _event(chunk(request, request_id, created, event))
     except APIError as error:
         yield _event(error.body())
+    except Exception:
+        logger.exception("request %s failed in the router", request_id)
+        generation.close("error")
+        yield _event(internal_error(request_id).body())
     finally:
         generation.close()
     yield "data: [DONE]\n\n"
@@ -236,8 +296,3 @@ async def _until_disconnect(http: Request, work):
 async def _disconnected(http: Request) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
-
-
-def _id_header(request: Request) -> dict:
-    request_id = request.headers.get("x-request-id", "")
-    return {"X-Request-Id": request_id} if _REQUEST_ID.fullmatch(request_id) else {}

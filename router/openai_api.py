@@ -48,10 +48,15 @@ _ROLES = ("system", "developer", "user", "assistant")
 
 
 class APIError(Exception):
-    """A request refused at the edge: HTTP ``status`` and an OpenAI-style error body."""
+    """A request refused at the edge: HTTP ``status`` and an OpenAI-style error body.
+
+    The message and param may quote the client's text; what UTF-8 cannot encode in it is
+    escaped, so the body always encodes."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  error_type: str | None = None, code: str | None = None):
+        message = safe_text(message)
+        param = None if param is None else safe_text(param)
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.error_type = error_type or _TYPES.get(status, "server_error")
@@ -63,11 +68,25 @@ class APIError(Exception):
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "service_unavailable"}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code=code)
+
+
+def internal_error(request_id: str) -> APIError:
+    """The 500 for a failure the router did not foresee; its log has the traceback."""
+    return APIError(500, f"the router failed on request {request_id}; its log has the "
+                         f"details under this id", code="internal_error")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with lone surrogates (legal in JSON, not in UTF-8) escaped as ``\\udXXX``."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(slots=True)

@@ -163,8 +163,7 @@ class Router:
             raise ClientGone()
         try:
             waiter.result()
-        except QueueFull as error:
-            self.metrics.requests.labels("rejected").inc()
+        except QueueFull as error:  # counted by whoever answers the 429, like every refusal
             raise APIError(429, f"the server is at capacity: {error}; retry later",
                            code="overloaded") from None
 

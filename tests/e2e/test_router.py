@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.launcher import launch
 from pdserve.worker_stats import Role
 from router.server import RouterThread
+from tests.e2e.bad_requests import BAD_REQUESTS, Sent
 from tests.e2e.cluster_harness import (
     cluster_config,
     is_idle,
@@ -195,80 +196,22 @@ def test_sdk_sync_and_async_streaming_and_not(server, tiny_tokenizer, tiny_llama
     assert asyncio.run(run_async()) == (expected, expected)
 
 
-BAD_REQUESTS = [
-    # (path, body or raw bytes, status, param)
-    ("/v1/completions", b"{not json", 400, None),
-    ("/v1/completions", b"[1, 2]", 400, None),
-    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
-    ("/v1/completions", {"model": "MODEL"}, 400, "prompt"),
-    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
-    ("/v1/completions", {"model": "MODEL", "prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"model": "MODEL", "prompt": 5}, 400, "prompt"),
-    ("/v1/completions", {"model": "MODEL", "prompt": ["a", "b"]}, 400, "prompt"),
-    ("/v1/completions", {"model": "MODEL", "prompt": [1, 999999]}, 400, "prompt"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "max_tokens": "5"}, 400,
-     "max_tokens"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "max_tokens": 10**6}, 400,
-     "max_tokens"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi " * 2000}, 400, "prompt"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "temperature": -1}, 400,
-     "temperature"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "top_k": -2}, 400, "top_k"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "seed": -1}, 400, "seed"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop": [""]}, 400, "stop"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stream_options": {}}, 400,
-     "stream_options"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "n": 2}, 400, "n"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "logprobs": 1}, 400, "logprobs"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "best_of": 3}, 400, "best_of"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "suffix": "x"}, 400, "suffix"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "presence_penalty": 0.5}, 400,
-     "presence_penalty"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "logit_bias": {"1": 5}}, 400,
-     "logit_bias"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "bogus": 1}, 400, "bogus"),
-    ("/v1/chat/completions", {"model": "MODEL", "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "robot",
-                                                              "content": "x"}]}, 400,
-     "messages[0].role"),
-    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user",
-                                                              "content": 3}]}, 400,
-     "messages[0].content"),
-    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "top_k": 10**30}, 400, "top_k"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop_token_ids": [10**30]}, 400,
-     "stop_token_ids"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop_token_ids": [10**6]}, 400,
-     "stop_token_ids"),
-    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stop": "x" * 2000}, 400, "stop"),
-    ("/v1/completions", b'{"model": "m", "max_tokens": ' + b"1" * 5000 + b"}", 400, None),
-    ("/v1/completions", b"[" * 100_000, 400, None),
-    ("/v1/completions", b'{"prompt": "' + b"x" * (5 << 20) + b'"}', 413, None),
-    ("/v1/nowhere", {}, 404, None),
-]
-
-
 def test_bad_requests_get_openai_errors_and_leave_nothing_behind(cluster, server, model_name):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         for path, body, status, param in BAD_REQUESTS:
+            body, content_type = body if isinstance(body, Sent) else (body, "application/json")
             if isinstance(body, dict):
                 body = json.dumps({k: model_name if v == "MODEL" else v
                                    for k, v in body.items()}).encode()
-            response = http.post(path, content=body,
-                                 headers={"Content-Type": "application/json"})
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            response = http.post(path, content=body, headers=headers)
             assert response.status_code == status, (path, body, response.text)
+            assert response.headers["content-type"] == "application/json"
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert error["param"] == param, (body, error)
             assert error["message"]
+            assert http.get("/health").status_code == 200, (path, body)
         assert http.post("/v1/completions", content=b"{}",
                          headers={"X-Request-Id": "bad id!"}).status_code == 400
         assert http.get("/health").status_code == 200
@@ -468,6 +411,19 @@ def test_models_and_health(server, model_name):
         health = http.get("/health")
         assert health.status_code == 200
         assert health.json()["workers"] == ["decode0.0"]
+
+
+def test_local_workers_listen_on_loopback_only(cluster):
+    assert {group.host for group in cluster.decodes + cluster.prefills} == {"127.0.0.1"}
+
+
+def test_local_mode_refuses_a_ray_that_spans_nodes(ray_session, tiny_llama_dir, monkeypatch):
+    import ray
+
+    nodes = [{"Alive": True}, {"Alive": True}, {"Alive": False}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    with pytest.raises(ValueError, match=r"^address: 'local' is invalid, .* of 2 nodes"):
+        launch(cluster_config(tiny_llama_dir))
 
 
 def test_router_process_imports_no_torch():

@@ -1,14 +1,12 @@
-"""The request plane's wire (pdserve.protocol) and its connections (pdserve.transport)."""
+"""The request plane's wire (pdserve.protocol); the handshake and connections over it are in
+test_handshake.py."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
-import logging
-import queue
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import msgpack
 import msgspec
 import pytest
 
-from pdserve import protocol, transport
+from pdserve import protocol
 from pdserve.protocol import (
     Fingerprint,
     FinishReason,
@@ -27,9 +25,6 @@ from pdserve.protocol import (
 )
 from pdserve.sampling import SamplingParams
 
-SECRET = "cluster-secret"
-WAIT_S = 10  # how long a queue.get waits for the loop thread before the test fails
-
 FINGERPRINT = Fingerprint("tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none")
 SAMPLING = SamplingParams(max_tokens=8, temperature=0.5, top_k=40, top_p=0.9, seed=1234,
                           stop_token_ids=(7, 2), ignore_eos=True, output_logits=True)
@@ -38,8 +33,9 @@ SAMPLING = SamplingParams(max_tokens=8, temperature=0.5, top_k=40, top_p=0.9, se
 # swapped on the wire shows. Hashes use the full unsigned 64-bit range.
 SAMPLES = {
     protocol.Hello: protocol.Hello(protocol.PROTOCOL_VERSION, PeerRole.PREFILL, FINGERPRINT,
-                                   "s3cret"),
+                                   b"\x00proof\xff"),
     protocol.HelloReply: protocol.HelloReply(False, "wrong cluster secret", "decode-0"),
+    protocol.Challenge: protocol.Challenge(protocol.PROTOCOL_VERSION, b"\x01nonce\xfe"),
     protocol.Generate: protocol.Generate("req-1", [1, 2, 3], SAMPLING, 2),
     protocol.TokenChunk: protocol.TokenChunk(
         "req-1", [4, 5], True, FinishReason.LENGTH, "bad input", 16),
@@ -95,12 +91,12 @@ def test_every_message_type_is_registered_and_has_a_sample():
 def test_tags_are_pinned_and_unique():
     # The tags are the wire format: changing one breaks every peer of another version.
     assert {tag: cls.__name__ for tag, cls in protocol.MESSAGES.items()} == {
-        1: "Hello", 2: "HelloReply", 10: "Generate", 11: "TokenChunk", 12: "Cancel",
+        1: "Hello", 2: "HelloReply", 3: "Challenge", 10: "Generate", 11: "TokenChunk", 12: "Cancel",
         13: "Subscribe", 14: "KVEvents", 15: "KVSnapshot", 16: "Load", 20: "PrefillJob",
         21: "JobReply", 22: "CancelJob", 23: "CancelJobReply", 24: "QueueDepth", 30: "Error",
     }
     assert all(protocol.tag_of(cls) == tag for tag, cls in protocol.MESSAGES.items())
-    assert len({protocol.tag_of(cls) for cls in protocol.Message.__subclasses__()}) == 15
+    assert len({protocol.tag_of(cls) for cls in protocol.Message.__subclasses__()}) == 16
 
 
 @pytest.mark.parametrize("msg", [*SAMPLES.values(), SAMPLING], ids=lambda m: type(m).__name__)
@@ -149,8 +145,9 @@ def test_nested_structs_travel_as_arrays_in_field_order():
     assert wire_of(SAMPLES[protocol.Generate]) == [
         10, "req-1", [1, 2, 3], [8, 0.5, 40, 0.9, 1234, [7, 2], True, True], 2]
     assert wire_of(SAMPLES[protocol.Hello]) == [
-        1, 3, "prefill", ["tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none"],
-        "s3cret"]
+        1, 4, "prefill", ["tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none"],
+        b"\x00proof\xff"]
+    assert wire_of(SAMPLES[protocol.Challenge]) == [3, 4, b"\x01nonce\xfe"]
     assert wire_of(SAMPLES[protocol.KVEvents]) == [
         14, "decode-0", 41, [["stored", 2**64 - 1], ["removed", 0]]]
     assert wire_of(SAMPLES[protocol.TokenChunk])[4] == "length"
@@ -246,6 +243,9 @@ MALFORMED = {
     "role": (
         broken(SAMPLES[protocol.Hello], (2,), "intruder"),
         "Hello.role: Invalid enum value 'intruder' - at `$[2]`"),
+    "proof-str": (  # a secret in clear, as protocol version 3 sent it
+        broken(SAMPLES[protocol.Hello], (4,), "s3cret"),
+        "Hello.proof: Expected `bytes`, got `str` - at `$[4]`"),
     "count-bool": (
         broken(SAMPLES[protocol.Load], (5,), True),
         "Load.num_blocks: Expected `int`, got `bool` - at `$[5]`"),
@@ -398,181 +398,3 @@ def test_mismatch_names_a_single_field(field: str, value: Any):
     mine = getattr(FINGERPRINT, field)
     assert FINGERPRINT.mismatch(msgspec.structs.replace(FINGERPRINT, **{field: value})) == (
         f"{field}={mine!r} vs {value!r}")
-
-
-# -- handshake over local TCP -----------------------------------------------------------------
-
-class Server:
-    """A transport server on its own loop thread, recording what its callbacks see."""
-
-    def __init__(self) -> None:
-        self.loop = transport.EventLoopThread("test-server")
-        self.messages: queue.SimpleQueue = queue.SimpleQueue()  # (peer role, message)
-        self.closed: queue.SimpleQueue = queue.SimpleQueue()  # peer role
-        self.connections: queue.SimpleQueue = queue.SimpleQueue()
-
-        def on_message(connection: transport.Connection, msg: Any) -> None:
-            self.connections.put(connection)
-            self.messages.put((connection.peer, msg))
-
-        self.server = self.loop.run(transport.serve(
-            "127.0.0.1", 0, FINGERPRINT, SECRET, "server-0", on_message,
-            lambda connection: self.closed.put(connection.peer)), WAIT_S)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        self.loop.loop.call_soon_threadsafe(self.server.close)
-        self.loop.stop()
-
-
-class Client:
-    """The dialling side, on another loop thread (as a different worker would be)."""
-
-    def __init__(self, port: int) -> None:
-        self.loop = transport.EventLoopThread("test-client")
-        self.port = port
-        self.messages: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed: queue.SimpleQueue = queue.SimpleQueue()
-
-    def connect(self, role: PeerRole = PeerRole.DECODE, fingerprint: Fingerprint = FINGERPRINT,
-                secret: str = SECRET) -> transport.Connection:
-        return self.loop.run(transport.open_connection(
-            "127.0.0.1", self.port, role, fingerprint, secret,
-            lambda connection, msg: self.messages.put(msg),
-            lambda connection: self.closed.put(connection.peer)), WAIT_S)
-
-    def raw(self, data: bytes, is_handshaken: bool = False) -> tuple[Any, bytes]:
-        """Send ``data`` on a bare socket (after a good handshake as a ``client`` peer when
-        ``is_handshaken``); return the server's next message (the IncompleteReadError when it
-        just closes) and the bytes that follow until EOF."""
-        async def exchange() -> tuple[Any, bytes]:
-            if is_handshaken:
-                reader, writer, reply = await protocol.connect(
-                    "127.0.0.1", self.port, PeerRole.CLIENT, FINGERPRINT, SECRET)
-                assert reply == protocol.HelloReply(True, "", "server-0")
-            else:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            writer.write(data)
-            await writer.drain()
-            try:
-                reply = await protocol.read_message(reader)
-            except asyncio.IncompleteReadError as error:
-                reply = error
-            rest = await reader.read()
-            writer.close()
-            return reply, rest
-
-        return self.loop.run(exchange(), WAIT_S)
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    server = Server()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(server: Server) -> Iterator[Client]:
-    client = Client(server.port)
-    yield client
-    client.loop.stop()
-
-
-def assert_only_good_messages_arrive(server: Server, client: Client) -> None:
-    """A matching peer's message is the first and only one the server's on_message sees."""
-    client.connect(role=PeerRole.ROUTER).send(protocol.Cancel("from-good-peer"))
-    assert server.messages.get(timeout=WAIT_S) == ("router", protocol.Cancel("from-good-peer"))
-    assert server.messages.empty()
-
-
-def transport_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records
-            if record.name == "pdserve.transport" and record.levelno == logging.WARNING]
-
-
-def test_a_matching_peer_exchanges_messages_both_ways(server: Server, client: Client):
-    connection = client.connect(role=PeerRole.DECODE)
-    assert connection.peer == "server-0"  # the server's worker id, from HelloReply
-    connection.send(SAMPLES[protocol.Generate])
-    assert server.messages.get(timeout=WAIT_S) == ("decode", SAMPLES[protocol.Generate])
-    server.connections.get(timeout=WAIT_S).send(SAMPLES[protocol.TokenChunk])
-    assert client.messages.get(timeout=WAIT_S) == SAMPLES[protocol.TokenChunk]
-    connection.close()
-    assert server.closed.get(timeout=WAIT_S) == "decode"
-    assert client.closed.get(timeout=WAIT_S) == "server-0"
-
-
-@pytest.mark.parametrize("fingerprint,secret,reason", [
-    (FINGERPRINT, "not-the-secret", "wrong cluster secret"),
-    (msgspec.structs.replace(FINGERPRINT, block_size=16), SECRET,
-     "fingerprint mismatch (this worker vs peer): block_size=4 vs 16"),
-    (msgspec.structs.replace(FINGERPRINT, model="other", tokenizer_hash="ffffffffffffffff"),
-     SECRET, "fingerprint mismatch (this worker vs peer): model='tiny' vs 'other', "
-     "tokenizer_hash='0123456789abcdef' vs 'ffffffffffffffff'"),
-], ids=["secret", "block_size", "model-and-tokenizer"])
-def test_a_mismatched_peer_is_refused_with_the_reason(
-        server: Server, client: Client, fingerprint: Fingerprint, secret: str, reason: str):
-    with pytest.raises(ProtocolError) as refused:
-        client.connect(role=PeerRole.PREFILL, fingerprint=fingerprint, secret=secret)
-    assert str(refused.value) == f"127.0.0.1:{server.port} refused the connection: {reason}"
-    assert_only_good_messages_arrive(server, client)
-    assert server.closed.empty()  # a refused peer never became a connection
-
-
-@pytest.mark.parametrize("first,reason", [
-    (protocol.Hello(999, PeerRole.PREFILL, FINGERPRINT, SECRET),
-     "protocol version 999, this worker speaks 3"),
-    (protocol.Cancel("sneaky"), "expected Hello first, got Cancel"),
-], ids=["version", "not-hello"])
-def test_a_raw_peer_is_refused_and_disconnected(
-        server: Server, client: Client, first: protocol.Message, reason: str):
-    reply, rest = client.raw(protocol.encode(first))
-    assert reply == protocol.HelloReply(False, reason, "server-0")
-    assert rest == b""  # the server closed the connection after the refusal
-    assert_only_good_messages_arrive(server, client)
-
-
-@pytest.mark.parametrize("case", ["fingerprint-short", "fingerprint-layers-str", "role"])
-def test_a_malformed_hello_is_dropped_without_a_reply(
-        server: Server, client: Client, caplog: pytest.LogCaptureFixture, case: str):
-    caplog.set_level(logging.WARNING, logger="pdserve.transport")
-    values, reason = MALFORMED[case]
-    reply, rest = client.raw(frame_of(values))
-    assert isinstance(reply, asyncio.IncompleteReadError)  # closed with no HelloReply
-    assert (reply.partial, rest) == (b"", b"")
-    assert transport_warnings(caplog) == [
-        f"refused a request-plane peer: undecodable message: {reason}"]
-    assert_only_good_messages_arrive(server, client)
-    assert server.closed.empty()  # a refused peer never became a connection
-
-
-@pytest.mark.parametrize("case", ["token-id-str", "max-tokens-0", "finish-reason",
-                                  "kv-event-kind"])
-def test_a_malformed_message_closes_the_connection_and_reaches_no_one(
-        server: Server, client: Client, caplog: pytest.LogCaptureFixture, case: str):
-    caplog.set_level(logging.WARNING, logger="pdserve.transport")
-    values, reason = MALFORMED[case]
-    before, after = protocol.Cancel("before"), protocol.Cancel("after")
-    reply, rest = client.raw(protocol.encode(before) + frame_of(values)
-                             + protocol.encode(after), is_handshaken=True)
-    assert reply == protocol.Error(f"undecodable message: {reason}")
-    assert rest == b""
-    assert server.closed.get(timeout=WAIT_S) == "client"
-    assert transport_warnings(caplog) == [
-        f"closing the connection to client: undecodable message: {reason}"]
-    # The message before it arrived; neither it nor anything after it did.
-    assert server.messages.get(timeout=WAIT_S) == ("client", before)
-    assert_only_good_messages_arrive(server, client)
-
-
-def test_a_frame_over_the_limit_closes_the_connection_with_an_error(
-        server: Server, client: Client, caplog: pytest.LogCaptureFixture):
-    caplog.set_level(logging.WARNING, logger="pdserve.transport")
-    reply, rest = client.raw(struct.pack(">I", protocol.MAX_FRAME_BYTES + 1),
-                             is_handshaken=True)
-    reason = "frame of 16777217 bytes exceeds the 16777216-byte limit"
-    assert (reply, rest) == (protocol.Error(reason), b"")
-    assert server.closed.get(timeout=WAIT_S) == "client"
-    assert server.messages.empty()
-    assert transport_warnings(caplog) == [f"closing the connection to client: {reason}"]
