@@ -163,7 +163,6 @@ class LLMEngine:
                              f"[0, {vocab})")
 
     def abort_request(self, request_id: str) -> bool:
-        self.sampler.forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
     @property
@@ -191,7 +190,8 @@ class LLMEngine:
     def _sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> dict[str, int]:
         requests = [item.request for item in scheduled.scheduled if item.needs_sample]
         tokens = self.sampler.sample(logits, [r.request_id for r in requests],
-                                     [r.sampling_params for r in requests])
+                                     [r.sampling_params for r in requests],
+                                     [len(r.output_token_ids) for r in requests])
         for row, request in enumerate(requests):
             if request.sampling_params.output_logits:
                 request.output_logits.append(logits[row].cpu())
@@ -201,8 +201,6 @@ class LLMEngine:
     def _output(self, request: Request, sampled: dict[str, int],
                 finished: set[str]) -> RequestOutput:
         is_finished = request.request_id in finished
-        if is_finished:
-            self.sampler.forget(request.request_id)
         return RequestOutput(
             request.request_id, request.prompt_token_ids, [sampled[request.request_id]],
             list(request.output_token_ids), is_finished, request.finish_reason,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import torch
 
-from pdserve.sampling import SamplingParams
+from pdserve.sampling import MAX_SEED, SamplingParams
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -22,36 +25,45 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's output token number ``position``: a fixed
+    digest of the pair, so a request replayed elsewhere from its tokens so far (decode worker
+    migration) draws the same numbers as it would have."""
+    digest = hashlib.blake2b(struct.pack("<QQ", seed, position), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & MAX_SEED
+
+
 class Sampler:
-    """Samples one token per row of a float32 logits matrix ``[S, V]``."""
+    """Samples one token per row of a float32 logits matrix ``[S, V]``.
+
+    A request with a ``seed`` draws its token number ``i`` (``params.output_offset`` plus the
+    tokens it has) from a generator seeded with ``position_seed(seed, i)``: a pure function of
+    the seed and the position, whatever the batch, the worker or the tokens' history of
+    machines. Requests without a seed share one generator.
+    """
 
     def __init__(self, seed: int = 0):
         self._default_generator = torch.Generator().manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, request_ids: list[str],
-               params: list[SamplingParams]) -> list[int]:
+               params: list[SamplingParams], positions: list[int] | None = None) -> list[int]:
+        """``positions[row]``: the output index of the token being sampled (0 when omitted)."""
         logits = logits.float().cpu()
         greedy = logits.argmax(dim=-1).tolist()
+        positions = positions if positions is not None else [0] * len(params)
         tokens: list[int] = []
-        for row, (request_id, p) in enumerate(zip(request_ids, params, strict=True)):
+        for row, p in enumerate(params):
             if p.is_greedy:
                 tokens.append(greedy[row])
                 continue
             filtered = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
             probs = filtered.softmax(-1)
-            token = torch.multinomial(probs, 1, generator=self._generator(request_id, p))
+            token = torch.multinomial(probs, 1, generator=self._generator(p, positions[row]))
             tokens.append(int(token))
         return tokens
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+    def _generator(self, params: SamplingParams, position: int) -> torch.Generator:
         if params.seed is None:
             return self._default_generator
-        generator = self._generators.get(request_id)
-        if generator is None:
-            generator = torch.Generator().manual_seed(params.seed)
-            self._generators[request_id] = generator
-        return generator
+        return torch.Generator().manual_seed(position_seed(params.seed,
+                                                           params.output_offset + position))

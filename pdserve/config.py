@@ -153,6 +153,7 @@ class RouterConfig:
     served_model_name: str | None = setting(None)  # None: the model directory's name
     retry_after_s: int = setting(1, minimum=0)
     max_request_bytes: int = setting(4 * 1024 * 1024, minimum=1)  # larger: answered 413
+    max_migrations: int = setting(3, minimum=0)  # moves of a streaming request off dead workers
     # Origins whose web pages may call the API from a browser; empty: no CORS headers at all
     cors_allow_origins: list[str] = setting(
         factory=list, accepts=_is_origin_list,

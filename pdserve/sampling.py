@@ -32,7 +32,11 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, forbid_unknow
     ``temperature == 0`` is greedy. ``top_k`` of -1 or 0 and ``top_p == 1`` disable those
     filters. A ``seed`` makes one request's sampling reproducible whatever it is batched with.
     ``max_tokens=None`` generates until a stop or the end of the context. ``output_logits``
-    keeps the float32 logits of every sampled step (tests compare them).
+    keeps the float32 logits of every sampled step (tests compare them). ``output_offset``
+    is how many output tokens the request had before this run of it: a request the router
+    migrates to another decode worker is replayed from its prompt plus those tokens, and a
+    seeded one samples token ``i`` from ``(seed, output_offset + i)`` (engine/sampler.py), as
+    it would have on the first worker.
     """
 
     max_tokens: int | None = 16
@@ -43,6 +47,7 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, forbid_unknow
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     output_logits: bool = False
+    output_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not (_is_int(self.max_tokens)
@@ -62,6 +67,9 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, forbid_unknow
                 or not all(_is_int(t) and 0 <= t <= MAX_INT32 for t in ids)):
             raise SamplingError("stop_token_ids", ids,
                                 f"at most {MAX_STOP_TOKEN_IDS} token ids in [0, {MAX_INT32}]")
+        if not (_is_int(self.output_offset) and 0 <= self.output_offset <= MAX_INT32):
+            raise SamplingError("output_offset", self.output_offset,
+                                f"an integer in [0, {MAX_INT32}]")
         for name in ("ignore_eos", "output_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingError(name, getattr(self, name), "true or false")

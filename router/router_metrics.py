@@ -32,10 +32,12 @@ class ScrapeTimeCollector(Collector):
     incarnation seen, and the router's queue and free-block gauges."""
 
     def __init__(self, queue_depth: Callable[[], int], num_running: Callable[[], int],
-                 free_blocks: Callable[[], dict[str, int]]):
+                 free_blocks: Callable[[], dict[str, int]],
+                 moves: Callable[[], tuple[int, int, int]] | None = None):
         self.queue_depth = queue_depth
         self.num_running = num_running
         self.free_blocks = free_blocks
+        self.moves = moves  # (resubmitted, migrated, migrated tokens) off dead decode workers
         # worker id -> its latest stats, for every worker ever seen: a replaced worker's
         # last counts stay in the totals
         self.last_stats: dict[str, WorkerStats] = {}
@@ -76,6 +78,19 @@ class ScrapeTimeCollector(Collector):
         for worker_id, num_free_blocks in sorted(self.free_blocks().items()):
             free.add_metric([worker_id], num_free_blocks)
         yield free
+        resubmitted, migrated, migrated_tokens = self.moves() if self.moves else (0, 0, 0)
+        moved = CounterMetricFamily(
+            "pdserve_requests_moved_total",
+            "Requests moved off a decode worker that died: before their first token "
+            "(resubmitted) or with tokens, replayed on another worker (migrated).",
+            labels=("how",))
+        moved.add_metric(["resubmitted"], resubmitted)
+        moved.add_metric(["migrated"], migrated)
+        yield moved
+        yield CounterMetricFamily(
+            "pdserve_migrated_tokens_total",
+            "Output tokens migrated requests carried to their new worker as prompt.",
+            value=migrated_tokens)
 
     def _of_role(self, role: Role) -> list:  # of DecodeStats or of PrefillStats, by role
         return [stats for stats in self.last_stats.values() if stats.role is role]
@@ -88,7 +103,8 @@ class RouterMetrics:
 
     def __init__(self, worker_stats: Callable[[], list[WorkerStats]] | None,
                  queue_depth: Callable[[], int], num_running: Callable[[], int],
-                 free_blocks: Callable[[], dict[str, int]]):
+                 free_blocks: Callable[[], dict[str, int]],
+                 moves: Callable[[], tuple[int, int, int]] | None = None):
         self.worker_stats = worker_stats
         registry = self.registry = CollectorRegistry()
         self.ttft = Histogram(
@@ -117,7 +133,7 @@ class RouterMetrics:
             "pdserve_prefix_cache_hit_tokens_total",
             "Prompt tokens of finished requests found in a decode worker's prefix cache.",
             registry=registry)
-        self.scrape_time = ScrapeTimeCollector(queue_depth, num_running, free_blocks)
+        self.scrape_time = ScrapeTimeCollector(queue_depth, num_running, free_blocks, moves)
         registry.register(self.scrape_time)
 
     async def render(self) -> bytes:

@@ -68,10 +68,12 @@ class Router:
         self.vocab_size = model.vocab_size
         self.block_size, self.max_model_len = model.block_size, model.max_model_len
         self.index = KVIndex(model.block_size, config.kv_weight, MAX_INDEX_BLOCKS_PER_WORKER)
-        self.links = DecodeLinks(fingerprint, secret, self.index)
+        self.links = DecodeLinks(fingerprint, secret, self.index,
+                                 max_migrations=config.max_migrations)
         self.admission = Admission(max_running, config.max_queue)
         self.metrics = RouterMetrics(worker_stats, lambda: self.admission.num_waiting,
-                                     lambda: self.admission.num_running, self._free_blocks)
+                                     lambda: self.admission.num_running, self._free_blocks,
+                                     self._moves)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, "pdserve-tokenizer")
         self.is_draining = False
         self.num_in_flight = 0
@@ -91,6 +93,10 @@ class Router:
     def close(self) -> None:
         self.links.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _moves(self) -> tuple[int, int, int]:
+        links = self.links
+        return links.num_resubmitted, links.num_migrations, links.num_migrated_tokens
 
     def _free_blocks(self) -> dict[str, int]:
         """Each decode worker's free KV blocks, as of its last load report."""

@@ -4,8 +4,13 @@ The router runs it on its event loop, and the cluster's synchronous facade
 (``cluster.client``) on a loop thread of its own. Each link is a connection that carries
 ``Generate``/``Cancel`` out and token chunks, KV events and load back; the KV events feed the
 ``KVIndex`` that picks a worker. When a link closes, a request that has not produced a token
-yet is sent to another worker (nothing was streamed, so nothing is lost); one that has ends
-with an error chunk.
+yet is sent to another worker (nothing was streamed, so nothing is lost). One that has is
+migrated: another worker gets its prompt plus every token already received as its prompt,
+``max_tokens`` less those, and ``output_offset`` = their count, so a seeded request samples
+exactly as it would have (engine/sampler.py) and greedy is exact by construction. Its chunks
+keep arriving on the same handle, so the stream goes on with no gap and no duplicate. Stop
+strings and usage live above, in the router, and see one stream. After ``max_migrations``
+moves, or with no worker left, the request ends with an error chunk.
 
 On the wire a request goes by its ``X-Request-Id``, unless that id is still in use here:
 running, or cancelled and not yet confirmed by its worker's last chunk (a client retrying
@@ -21,8 +26,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from pdserve import protocol
 from pdserve.cluster_handle import WorkerAddress
+from pdserve.hashing import hash_blocks
 from pdserve.protocol import Fingerprint, FinishReason, PeerRole, TokenChunk
 from pdserve.sampling import SamplingParams
 from pdserve.transport import Connection, open_connection
@@ -58,7 +66,7 @@ class RequestHandle:
 
     request_id: str  # the client's
     wire_id: str  # the request plane's
-    generate: protocol.Generate
+    generate: protocol.Generate  # as sent to its current worker
     block_hashes: list[int]
     worker_id: str = ""
     submitted_s: float = 0.0  # when Generate went out on the request plane
@@ -66,6 +74,14 @@ class RequestHandle:
     num_shared_tokens: int = 0  # prompt tokens its worker held cached when it was sent
     is_done: bool = False
     chunks: ChunkSink = field(default_factory=asyncio.Queue)
+    first: protocol.Generate | None = None  # as the client asked it (None: = generate)
+    output_token_ids: list[int] = field(default_factory=list)  # every token received
+    num_migrations: int = 0
+    num_replayed_tokens: int = 0  # output tokens its current worker got as prompt
+
+    @property
+    def original(self) -> protocol.Generate:
+        return self.first or self.generate
 
 
 class NoWorker(Exception):
@@ -77,13 +93,16 @@ class DecodeLinks:
     chooses where the next one goes."""
 
     def __init__(self, fingerprint: Fingerprint, secret: str, index: KVIndex,
-                 role: PeerRole = PeerRole.ROUTER):
+                 role: PeerRole = PeerRole.ROUTER, max_migrations: int = 3):
         self.fingerprint, self.secret, self.role = fingerprint, secret, role
         self.index = index
+        self.max_migrations = max_migrations
         self.links: dict[str, Link] = {}
         self.requests: dict[str, RequestHandle] = {}  # by wire id
         self.retired: dict[str, str] = {}  # cancelled wire id -> its worker, until confirmed
-        self.num_resubmitted = 0
+        self.num_resubmitted = 0  # moved before their first token
+        self.num_migrations = 0  # moved with tokens, replayed on another worker
+        self.num_migrated_tokens = 0  # the output tokens those replays carried
         self._suffixes = itertools.count(1)
         self._is_closing = False  # links closed on purpose: not a lost worker
 
@@ -199,8 +218,8 @@ class DecodeLinks:
         self.index.start_request(worker_id, handle.wire_id, self._active_tokens(handle))
 
     def _active_tokens(self, handle: RequestHandle) -> int:
-        return (len(handle.generate.prompt_token_ids) + handle.num_tokens_received
-                - handle.num_shared_tokens)
+        new_tokens = handle.num_tokens_received - handle.num_replayed_tokens
+        return len(handle.generate.prompt_token_ids) + new_tokens - handle.num_shared_tokens
 
     # -- from the workers (on the loop) ---------------------------------------------------
 
@@ -231,6 +250,9 @@ class DecodeLinks:
                 self.retired.pop(msg.request_id, None)
             return
         handle.num_tokens_received += len(msg.token_ids)
+        handle.output_token_ids.extend(msg.token_ids)
+        if handle.num_migrations:  # cached tokens of a replayed prompt are not the client's
+            msg = msgspec.structs.replace(msg, num_cached_tokens=0)
         if msg.finished:
             self._forget(handle)  # the worker is done with it, whenever the reader gets here
         elif msg.token_ids:
@@ -254,6 +276,8 @@ class DecodeLinks:
             try:
                 if handle.num_tokens_received == 0 and self._resubmit(handle, worker_id):
                     continue
+                if handle.num_tokens_received and self._migrate(handle, worker_id):
+                    continue
             except Exception:  # another link failing at the same moment: fail this one
                 logger.exception("router: could not move request %s", handle.request_id)
             self._forget(handle)
@@ -270,4 +294,40 @@ class DecodeLinks:
         self.num_resubmitted += 1
         logger.info("router: request %s moved from %s to %s before its first token",
                     handle.request_id, dead_worker, handle.worker_id)
+        return True
+
+    def _migrate(self, handle: RequestHandle, dead_worker: str) -> bool:
+        """Replay a request with tokens on another worker (see the module docstring)."""
+        original, emitted = handle.original, handle.output_token_ids
+        if handle.num_migrations >= self.max_migrations:
+            logger.warning("router: request %s lost its worker %s after %d migrations: not "
+                           "moved again", handle.request_id, dead_worker, handle.num_migrations)
+            return False
+        sampling = original.sampling
+        remaining = None if sampling.max_tokens is None else sampling.max_tokens - len(emitted)
+        if remaining is not None and remaining < 1:
+            return False  # it had all its tokens; only its last chunk was missing
+        prompt = original.prompt_token_ids + emitted
+        replay = msgspec.structs.replace(sampling, max_tokens=remaining,
+                                         output_offset=sampling.output_offset + len(emitted))
+        before = (handle.wire_id, handle.generate, handle.block_hashes, handle.first,
+                  handle.num_replayed_tokens)
+        handle.first = original
+        handle.wire_id = f"{handle.request_id}#{next(self._suffixes)}"
+        handle.generate = protocol.Generate(handle.wire_id, prompt, replay, original.priority)
+        handle.block_hashes = hash_blocks(prompt, self.index.block_size)
+        handle.num_replayed_tokens = len(emitted)
+        try:
+            self._send(handle, exclude=dead_worker)
+        except NoWorker:
+            (handle.wire_id, handle.generate, handle.block_hashes, handle.first,
+             handle.num_replayed_tokens) = before
+            return False
+        self.requests.pop(before[0], None)
+        self.requests[handle.wire_id] = handle
+        handle.num_migrations += 1
+        self.num_migrations += 1
+        self.num_migrated_tokens += len(emitted)
+        logger.info("router: request %s migrated from %s to %s with %d tokens replayed",
+                    handle.request_id, dead_worker, handle.worker_id, len(emitted))
         return True

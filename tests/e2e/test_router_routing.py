@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from cluster.launcher import launch
+from engine import LLM, SamplingParams
 from pdserve.hashing import hash_blocks
 from pdserve.worker_stats import Role
 from router.server import RouterThread
@@ -135,16 +136,25 @@ def test_a_request_not_yet_started_on_a_dead_worker_goes_to_another(holds,
     _wait_for_two_workers(cluster, server)
 
 
-def test_a_stream_whose_worker_dies_mid_way_ends_with_an_error_event(holds, cluster, server,
-                                                                     model_name):
+def test_a_stream_whose_worker_dies_mid_way_is_migrated_and_goes_on(holds, cluster, server,
+                                                                   model_name, tiny_llama_dir,
+                                                                   tiny_tokenizer):
+    """Seeded sampling: the stream held after 2 tokens loses its worker; the router replays it
+    (prompt + those 2 tokens) on the other worker, and the client reads exactly the text an
+    unkilled run gives, with no error, no gap and no repeat."""
+    prompt, seed = tiny_tokenizer.encode("hello there"), 4242
+    params = {"max_tokens": 24, "temperature": 0.9, "seed": seed, "ignore_eos": True}
+    with LLM(str(tiny_llama_dir), num_blocks=64, block_size=BLOCK_SIZE) as llm:
+        (unkilled,) = llm.generate([prompt], SamplingParams(**params))
     holds.hold("orphan", 2)  # whichever worker the router picks holds after 2 tokens
     result: dict = {}
 
     def call() -> None:
         with httpx.Client(base_url=server.url, timeout=180) as http:
             with http.stream("POST", "/v1/completions", headers={"X-Request-Id": "orphan"},
-                             json={"model": model_name, "prompt": "hello", "max_tokens": 100,
-                                   "ignore_eos": True, "stream": True}) as response:
+                             json={"model": model_name, "prompt": prompt, "stream": True,
+                                   "stream_options": {"include_usage": True},
+                                   **params}) as response:
                 result["status"] = response.status_code
                 result["lines"] = [line for line in response.iter_lines() if line]
 
@@ -153,18 +163,26 @@ def test_a_stream_whose_worker_dies_mid_way_ends_with_an_error_event(holds, clus
     wait_for(lambda: server.router.links.requests.get("orphan") is not None
              and server.router.links.requests["orphan"].num_tokens_received == 2,
              "two tokens at the router")
+    migrations = server.router.links.num_migrations
     worker_id = server.router.links.requests["orphan"].worker_id
     kill_rank(cluster, Role.DECODE, _decode_index(worker_id))
     thread.join(180)
+    holds.release()  # the dead worker's wait at the gate ends
     assert result["status"] == 200
     assert result["lines"][-1] == "data: [DONE]"
-    error = httpx.Response(200, content=result["lines"][-2].removeprefix("data: ")).json()
-    assert error["error"]["code"] == "worker_error"
-    assert "went away" in error["error"]["message"]
-    holds.release()  # the dead worker's wait at the gate ends
+    assert "error" not in "".join(result["lines"])
+    assert server.router.links.num_migrations == migrations + 1
+    assert "".join(_event_text(line) for line in result["lines"][:-1]) == \
+        tiny_tokenizer.decode(unkilled.token_ids)
+    usage = httpx.Response(200, content=result["lines"][-2].removeprefix("data: ")).json()
+    assert (usage["usage"]["prompt_tokens"], usage["usage"]["completion_tokens"]) == (
+        len(prompt), 24)
     _wait_for_two_workers(cluster, server)
     with httpx.Client(base_url=server.url, timeout=120) as http:
         _complete(http, model_name, "still serving")  # the restarted cluster serves
+        metrics = http.get("/metrics").text
+    assert f'pdserve_requests_moved_total{{how="migrated"}} {float(migrations + 1)}' in metrics
+    assert "pdserve_migrated_tokens_total" in metrics
 
 
 def _event_text(line: str) -> str:

@@ -27,7 +27,8 @@ from pdserve.sampling import SamplingParams
 
 FINGERPRINT = Fingerprint("tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none")
 SAMPLING = SamplingParams(max_tokens=8, temperature=0.5, top_k=40, top_p=0.9, seed=1234,
-                          stop_token_ids=(7, 2), ignore_eos=True, output_logits=True)
+                          stop_token_ids=(7, 2), ignore_eos=True, output_logits=True,
+                          output_offset=3)
 
 # One instance of every message, each field away from its default so that a field dropped or
 # swapped on the wire shows. Hashes use the full unsigned 64-bit range.
@@ -143,7 +144,7 @@ def test_frame_is_length_header_then_tagged_array(msg: protocol.Message):
 
 def test_nested_structs_travel_as_arrays_in_field_order():
     assert wire_of(SAMPLES[protocol.Generate]) == [
-        10, "req-1", [1, 2, 3], [8, 0.5, 40, 0.9, 1234, [7, 2], True, True], 2]
+        10, "req-1", [1, 2, 3], [8, 0.5, 40, 0.9, 1234, [7, 2], True, True, 3], 2]
     assert wire_of(SAMPLES[protocol.Hello]) == [
         1, 4, "prefill", ["tiny", 2, 2, 16, 4, "float32", "fp8", "0123456789abcdef", "none"],
         b"\x00proof\xff"]

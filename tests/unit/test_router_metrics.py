@@ -98,6 +98,11 @@ def test_families_keep_their_names_types_and_help():
          "Requests admitted and in flight to the workers."),
         ("pdserve_kv_blocks_free", "gauge",
          "Free KV blocks of each decode worker (its last load report)."),
+        ("pdserve_requests_moved", "counter",
+         "Requests moved off a decode worker that died: before their first token "
+         "(resubmitted) or with tokens, replayed on another worker (migrated)."),
+        ("pdserve_migrated_tokens", "counter",
+         "Output tokens migrated requests carried to their new worker as prompt."),
     ]
 
 

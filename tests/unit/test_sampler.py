@@ -40,6 +40,18 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
     assert batched[1] == alone[0]
 
 
+def test_a_seeded_token_is_a_pure_function_of_seed_and_position():
+    # What migration relies on: token i of a seeded request is drawn the same way whatever
+    # ran before it, so a replay with output_offset continues the same sequence.
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    run = [Sampler(seed=5).sample(logits, ["a"], [seeded], [i])[0] for i in range(12)]
+    replay = SamplingParams(temperature=1.0, seed=11, output_offset=7)
+    resumed = [Sampler(seed=9).sample(logits, ["b"], [replay], [i])[0] for i in range(5)]
+    assert resumed == run[7:]
+    assert len(set(run)) > 3  # the positions do draw different numbers
+
+
 def test_temperature_sampling_spreads_over_tokens():
     sampler = Sampler(seed=0)
     logits = torch.zeros(1, 10)

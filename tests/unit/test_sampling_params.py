@@ -55,7 +55,8 @@ def test_defaults():
     params = SamplingParams()
     assert msgspec.structs.asdict(params) == {
         "max_tokens": 16, "temperature": 1.0, "top_k": -1, "top_p": 1.0, "seed": None,
-        "stop_token_ids": (), "ignore_eos": False, "output_logits": False}
+        "stop_token_ids": (), "ignore_eos": False, "output_logits": False,
+        "output_offset": 0}
     assert not params.is_greedy
     assert SamplingParams(temperature=0).is_greedy
 
@@ -127,7 +128,7 @@ def test_the_wire_form_is_an_array_in_field_order():
     params = SamplingParams(max_tokens=8, temperature=0.5, top_k=40, top_p=0.25, seed=7,
                             stop_token_ids=(3,), ignore_eos=True, output_logits=False)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(params)) == [
-        8, 0.5, 40, 0.25, 7, [3], True, False]
+        8, 0.5, 40, 0.25, 7, [3], True, False, 0]
 
 
 @pytest.mark.parametrize("values,reason", [
