@@ -154,6 +154,11 @@ class RouterConfig:
     retry_after_s: int = setting(1, minimum=0)
     max_request_bytes: int = setting(4 * 1024 * 1024, minimum=1)  # larger: answered 413
     max_migrations: int = setting(3, minimum=0)  # moves of a streaming request off dead workers
+    # A streamed response's client that reads too slowly is cancelled (slot and blocks freed):
+    # when one write to it waits longer than this, or when more token chunks than the cap
+    # wait for it at the router.
+    stream_write_timeout_s: float = setting(30.0, exclusive_minimum=0)
+    stream_max_unsent_chunks: int = setting(4096, minimum=1)
     # Origins whose web pages may call the API from a browser; empty: no CORS headers at all
     cors_allow_origins: list[str] = setting(
         factory=list, accepts=_is_origin_list,

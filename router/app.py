@@ -20,12 +20,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from router.bounded_stream import BoundedStreamingResponse
 from router.openai_api import (
     APIError,
     GenerateRequest,
@@ -179,8 +180,11 @@ async def _generate(router: Router, http: Request,
         return _internal_error_response(request_id, headers)
     headers["X-Pdserve-Worker"] = generation.handle.worker_id
     if generation.request.stream:
-        return StreamingResponse(_sse(generation), media_type="text/event-stream",
-                                 headers=headers | {"Cache-Control": "no-cache"})
+        return BoundedStreamingResponse(
+            _sse(generation), media_type="text/event-stream",
+            headers=headers | {"Cache-Control": "no-cache"},
+            write_timeout_s=router.config.stream_write_timeout_s, request_id=request_id,
+            on_slow=lambda: router.metrics.slow_readers.labels("write_timeout").inc())
     return await _respond(router, http, generation, headers)
 
 

@@ -129,6 +129,12 @@ class RouterMetrics:
             "pdserve_requests_total",
             "Requests by how they ended: success, error, cancelled (the client left), "
             "rejected (429), invalid (4xx).", ("status",), registry=registry)
+        self.slow_readers = Counter(
+            "pdserve_slow_readers_total",
+            "Streamed requests cut off because the client read too slowly: a write waited "
+            "past router.stream_write_timeout_s (write_timeout), or more token chunks than "
+            "router.stream_max_unsent_chunks waited for it (unsent_cap).", ("why",),
+            registry=registry)
         self.cached_tokens = Counter(
             "pdserve_prefix_cache_hit_tokens_total",
             "Prompt tokens of finished requests found in a decode worker's prefix cache.",

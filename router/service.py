@@ -68,8 +68,10 @@ class Router:
         self.vocab_size = model.vocab_size
         self.block_size, self.max_model_len = model.block_size, model.max_model_len
         self.index = KVIndex(model.block_size, config.kv_weight, MAX_INDEX_BLOCKS_PER_WORKER)
-        self.links = DecodeLinks(fingerprint, secret, self.index,
-                                 max_migrations=config.max_migrations)
+        self.links = DecodeLinks(
+            fingerprint, secret, self.index, max_migrations=config.max_migrations,
+            max_unsent_chunks=config.stream_max_unsent_chunks,
+            on_slow_reader=lambda: self.metrics.slow_readers.labels("unsent_cap").inc())
         self.admission = Admission(max_running, config.max_queue)
         self.metrics = RouterMetrics(worker_stats, lambda: self.admission.num_waiting,
                                      lambda: self.admission.num_running, self._free_blocks,

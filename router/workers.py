@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,10 +94,15 @@ class DecodeLinks:
     chooses where the next one goes."""
 
     def __init__(self, fingerprint: Fingerprint, secret: str, index: KVIndex,
-                 role: PeerRole = PeerRole.ROUTER, max_migrations: int = 3):
+                 role: PeerRole = PeerRole.ROUTER, max_migrations: int = 3,
+                 max_unsent_chunks: int | None = None,
+                 on_slow_reader: Callable[[], None] | None = None):
         self.fingerprint, self.secret, self.role = fingerprint, secret, role
         self.index = index
         self.max_migrations = max_migrations
+        # a request with this many chunks waiting for its reader is cancelled (None: no cap)
+        self.max_unsent_chunks = max_unsent_chunks
+        self.on_slow_reader = on_slow_reader
         self.links: dict[str, Link] = {}
         self.requests: dict[str, RequestHandle] = {}  # by wire id
         self.retired: dict[str, str] = {}  # cancelled wire id -> its worker, until confirmed
@@ -249,6 +255,10 @@ class DecodeLinks:
             if msg.finished:
                 self.retired.pop(msg.request_id, None)
             return
+        if (self.max_unsent_chunks is not None and not msg.finished
+                and handle.chunks.qsize() >= self.max_unsent_chunks):
+            self._cut_off(handle)
+            return
         handle.num_tokens_received += len(msg.token_ids)
         handle.output_token_ids.extend(msg.token_ids)
         if handle.num_migrations:  # cached tokens of a replayed prompt are not the client's
@@ -258,6 +268,17 @@ class DecodeLinks:
         elif msg.token_ids:
             self.index.update_request(handle.wire_id, self._active_tokens(handle))
         handle.chunks.put_nowait((time.perf_counter(), msg))
+
+    def _cut_off(self, handle: RequestHandle) -> None:
+        """Its reader lets chunks pile up: cancel it on its worker and end its stream."""
+        logger.warning("router: request %s cut off: %d token chunks wait for its reader",
+                       handle.request_id, handle.chunks.qsize())
+        self.cancel(handle)
+        if self.on_slow_reader is not None:
+            self.on_slow_reader()
+        handle.chunks.put_nowait((time.perf_counter(), TokenChunk(
+            handle.wire_id, [], True, FinishReason.ABORT,
+            f"the client read too slowly: {self.max_unsent_chunks} token chunks waited")))
 
     def _on_close(self, connection: Connection) -> None:
         worker_id = next((w for w, link in self.links.items()

@@ -24,12 +24,14 @@ FINGERPRINT = Fingerprint("tiny", 2, 2, 16, 16, "float32", "auto", "0123456789ab
 SECRET = "router-harness-secret"
 WORKER_ID = "decode0.0"
 OUTPUT_IDS = [72, 503]  # what the fake worker generates: two tokens of the tiny vocabulary
+FLOOD = 64  # chunks a flood* request gets before its worker holds it
 
 
 @dataclass(slots=True)
 class FakeDecode:
     """Answers ``Generate`` by its request id: ``fail*`` with an error chunk, ``hold*`` not
-    until it is cancelled (then ``abort``), anything else with ``OUTPUT_IDS`` and ``length``."""
+    until it is cancelled (then ``abort``), ``flood*`` with ``FLOOD`` one-token chunks and
+    then not until cancelled, anything else with ``OUTPUT_IDS`` and ``length``."""
 
     generates: list[protocol.Generate] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
@@ -47,6 +49,9 @@ class FakeDecode:
             request_id = msg.request_id
             if request_id.startswith("hold"):
                 self.held.put_nowait(request_id)
+            elif request_id.startswith("flood"):
+                for _ in range(FLOOD):
+                    connection.send(TokenChunk(request_id, [OUTPUT_IDS[0]]))
             elif request_id.startswith("fail"):
                 connection.send(TokenChunk(request_id, [], True, None, "the worker broke"))
             else:
@@ -76,10 +81,11 @@ class Edge:
     async def call(self, method: str, path: str, body: bytes | dict | None = None,
                    headers: dict[str, str] | None = None,
                    parts: list[bytes] | None = None, leave: asyncio.Event | None = None,
-                   ) -> Answer:
+                   stalled: bool = False) -> Answer:
         """Send a request: ``body`` (a dict goes as JSON, with that Content-Type unless
         ``headers`` name one), or ``parts`` of a chunked body that never ends; the client
-        disconnects once ``leave`` is set (at once after ``parts``)."""
+        disconnects once ``leave`` is set (at once after ``parts``). A ``stalled`` client
+        takes the response's start and then never reads: every body write waits forever."""
         headers = dict(headers or {})
         if isinstance(body, dict):
             headers.setdefault("content-type", "application/json")
@@ -101,6 +107,8 @@ class Edge:
             return {"type": "http.disconnect"}
 
         async def send(message: dict) -> None:
+            if stalled and message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # a full socket that never drains
             sent.append(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 done.set()

@@ -85,6 +85,10 @@ def test_families_keep_their_names_types_and_help():
         ("pdserve_requests", "counter",
          "Requests by how they ended: success, error, cancelled (the client left), "
          "rejected (429), invalid (4xx)."),
+        ("pdserve_slow_readers", "counter",
+         "Streamed requests cut off because the client read too slowly: a write waited "
+         "past router.stream_write_timeout_s (write_timeout), or more token chunks than "
+         "router.stream_max_unsent_chunks waited for it (unsent_cap)."),
         ("pdserve_prefix_cache_hit_tokens", "counter",
          "Prompt tokens of finished requests found in a decode worker's prefix cache."),
         ("pdserve_prefill", "counter", "Prompts prefilled, by where: local (decode worker), "
