@@ -133,11 +133,13 @@ class WorkerRank:
         if identity.role is Role.DECODE:
             from decode.rank import DecodeRank
 
-            return DecodeRank(options, tp, agent_name, wire, self.config.decode.staging_blocks)
+            return DecodeRank(options, tp, agent_name, wire, self.config.decode.staging_blocks,
+                              self.probe)
         from prefill.rank import PrefillRank
 
         return PrefillRank(options, tp, agent_name, wire,
-                           self.config.prefill.send_buffer_blocks, self.probe)
+                           self.config.prefill.send_buffer_blocks, self.probe,
+                           self.config.kv_transfer_checksum)
 
     def _build_role(self, options):
         from cluster.worker_loop import WorkerLoop
@@ -170,7 +172,8 @@ class WorkerRank:
         decode_options = DecodeOptions(
             self.identity.worker_id, role.disagg_mode, role.max_local_prefill_tokens,
             role.max_prefill_queue, role.max_remote_reserved_blocks,
-            role.remote_prefill_timeout_s, is_lossy_wire=self.config.is_lossy_wire)
+            role.remote_prefill_timeout_s, is_lossy_wire=self.config.is_lossy_wire,
+            kv_transfer_checksum=self.config.kv_transfer_checksum)
         return DecodeWorker(group, engine, decode_options, self.loop.dialer, self.probe)
 
     def _build_prefill(self, options, group):

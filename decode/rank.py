@@ -10,8 +10,10 @@ import torch
 
 from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
+from kvtransfer.checksum import BlockDigest, Mismatch
 from kvtransfer.consumer import KVConsumer
 from kvtransfer.endpoint import Endpoint
+from pdserve.probe import Probe
 from pdserve.worker_stats import DecodeRankCounts
 
 
@@ -19,7 +21,8 @@ class DecodeRank:
     """One decode rank: the model runner over its KV pool, and the KV consumer."""
 
     def __init__(self, options: RunnerOptions, tp: TensorParallel, agent_name: str,
-                 kv_transfer_dtype: str, staging_blocks: int):
+                 kv_transfer_dtype: str, staging_blocks: int, probe: Probe | None = None):
+        self.probe = probe or Probe()
         self.runner = ModelRunner(options, tp)
         self.consumer = KVConsumer(self.runner.kv_cache, agent_name=agent_name,
                                    tp_rank=tp.rank, tp_size=tp.size,
@@ -44,6 +47,12 @@ class DecodeRank:
     def expect(self, request_id: str, attempt: int, pool_blocks: list[int],
                sources: list[str], timeout_s: float) -> list[int] | None:
         return self.consumer.expect(request_id, attempt, pool_blocks, sources, timeout_s)
+
+    def verify_kv(self, request_id: str, digests: list[BlockDigest]) -> list[Mismatch]:
+        """The landed KV's wire bytes on this rank that do not match their digests."""
+        self.probe.before_kv_verify(request_id, self.consumer.tp_rank, self.consumer.region.data,
+                                    self.consumer.landed_blocks(request_id))
+        return self.consumer.verify(request_id, digests)
 
     def finish_kv(self, request_id: str, materialize: bool) -> None:
         self.consumer.finish(request_id, materialize)

@@ -6,7 +6,9 @@ back. A request's life on the remote path (DESIGN.md steps 3-6)::
 
     Generate -> match prefix -> decide -> REMOTE: blocks for the uncached part, expect,
     PrefillJob -> WAITING_FOR_REMOTE_KV (never scheduled, never preempted)
-        LANDED   -> finish (dequantize staging) -> run the last prompt token, sample here
+        LANDED   -> verify the digests (kv_transfer_checksum), a mismatch: prefill again
+                    locally into fresh blocks, the old ones freed at once (every sender is
+                    done) -> finish (dequantize staging) -> run the last prompt token here
         FAILED / deadline / prefill gone / cancel
                  -> CancelJob; the blocks move to a stale owner; prefill again locally into
                     fresh blocks (or finish, when the client cancelled)
@@ -26,9 +28,10 @@ from decode.rank import DecodeRank
 from engine.engine import LLMEngine
 from engine.rank_group import RankGroup
 from engine.request import Request
+from kvtransfer.checksum import Mismatch
 from kvtransfer.consumer import EventKind
 from pdserve import protocol
-from pdserve.choices import DisaggMode
+from pdserve.choices import DisaggMode, KVChecksum
 from pdserve.probe import Probe
 from pdserve.protocol import FinishReason
 from pdserve.transport import Connection, Dialer, resident_bytes
@@ -52,6 +55,7 @@ class DecodeOptions:
     max_remote_reserved_blocks: int | None
     remote_prefill_timeout_s: float
     is_lossy_wire: bool  # fp8 wire into a model-dtype pool: landed blocks are not cached
+    kv_transfer_checksum: KVChecksum = KVChecksum.OFF  # off: landed KV is not verified
 
 
 @dataclass(slots=True)
@@ -82,6 +86,7 @@ class Counters:
     prefills: Counter = field(default_factory=Counter)  # local / remote / fallback
     prompt_tokens_computed: int = 0
     num_finished: int = 0
+    checksum_failures: int = 0  # remote KV that landed but failed its digests
 
 
 class DecodeWorker:
@@ -218,12 +223,44 @@ class DecodeWorker:
                 self._released(event.request_id)
 
     def _landed(self, request_id: str) -> None:
+        mismatches = self._verify(request_id)
+        if mismatches:
+            self._reject(request_id, mismatches)
+            return
         remote = self.remote.pop(request_id)
         self.group.call(DecodeRank.finish_kv, request_id, True)
         if self.options.is_lossy_wire:
             remote.request.is_cacheable = False
         self.engine.scheduler.remote_kv_landed(request_id)
         logger.debug("request %s: remote KV landed (attempt %d)", request_id, remote.attempt)
+
+    def _verify(self, request_id: str) -> list[Mismatch]:
+        """Every rank checks the wire bytes that landed on it against the senders' digests."""
+        if self.options.kv_transfer_checksum is KVChecksum.OFF:
+            return []
+        digests = self.rank0.consumer.digests(request_id)
+        if not digests:  # the senders computed none
+            return []
+        return [m for rank in self.group.gather(DecodeRank.verify_kv, request_id, digests)
+                for m in rank]
+
+    def _reject(self, request_id: str, mismatches: list[Mismatch]) -> None:
+        """The KV landed corrupt: prefill locally into fresh blocks, as after a failed
+        transfer. Every sender reported DONE, so no write can land: free the blocks now."""
+        remote = self.remote.pop(request_id)
+        self.group.call(DecodeRank.finish_kv, request_id, False)
+        owner = f"{request_id}#attempt{remote.attempt}"
+        self.engine.scheduler.take_back_remote(request_id, owner)
+        self.engine.block_manager.free(owner)
+        self.counters.prefills["fallback"] += 1
+        self.counters.checksum_failures += 1
+        first = mismatches[0]
+        digest = first.digest
+        logger.warning("request %s: KV checksum mismatch on decode worker %s rank %d, layer %d, "
+                       "block %d (position %d) from prefill worker %s rank %d (%d digests "
+                       "failed); prefilling locally", request_id, self.options.worker_id,
+                       digest.dst_rank, digest.layer, first.block_id, digest.position,
+                       remote.prefill_id, digest.src_rank, len(mismatches))
 
     def _fall_back(self, request_id: str, reason: str, requeue: bool = True) -> None:
         """Give up on the remote prefill: cancel it, park its blocks until RELEASED."""
@@ -344,6 +381,7 @@ class DecodeWorker:
                                    prefills["fallback"]),
             prompt_tokens_computed=self.counters.prompt_tokens_computed,
             num_finished=self.counters.num_finished,
+            checksum_failures=self.counters.checksum_failures,
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_waiting_for_remote_kv=len(scheduler.waiting_for_remote_kv),
             num_remote=len(self.remote), num_stale=len(self.stale),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
@@ -22,8 +22,9 @@ import torch
 
 from engine.kv_cache import KVCache, dequantize_fp8
 from kvtransfer.agent import Agent
+from kvtransfer.checksum import BlockDigest, Mismatch, RegionBytes, check
 from kvtransfer.endpoint import Endpoint, Notice, NoticeKind, WireRegion
-from kvtransfer.layout import head_routes, senders
+from kvtransfer.layout import head_routes, senders, writes_into
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class _Expected:
     slots: list[int] | None  # staging slots, when the wire lands in staging
     pending: set[str]  # senders (agent names) that have not reported
     deadline: float
+    num_sources: int  # the sending group's TP size
+    digests: list[BlockDigest] = field(default_factory=list)  # from DONE notices (rank 0)
     failure: str = ""
     is_cancelled: bool = False
     is_reported: bool = False  # LANDED or FAILED already returned
@@ -69,6 +72,8 @@ class KVConsumer:
         self.tp_rank, self.tp_size, self.num_kv_heads = tp_rank, tp_size, num_kv_heads
         self.region = WireRegion(kv_cache, kv_transfer_dtype, staging_blocks)
         self.agent = Agent(agent_name, self.region.registered_tensors(kv_cache))
+        self._wire_bytes = RegionBytes(self.region.data, self.region.scales,
+                                       self.region.geometry)
         self._expected: dict[str, _Expected] = {}
         self.num_stale_notices = 0
 
@@ -110,7 +115,7 @@ class KVConsumer:
         routes = head_routes(self.num_kv_heads, len(sources), self.tp_size)
         pending = {sources[rank] for rank in senders(routes)} if self.tp_rank == 0 else set()
         self._expected[request_id] = _Expected(attempt, list(pool_blocks), slots, pending,
-                                               time.monotonic() + timeout_s)
+                                               time.monotonic() + timeout_s, len(sources))
         return list(pool_blocks) if slots is None else list(slots)
 
     def cancel(self, request_id: str) -> None:
@@ -154,6 +159,23 @@ class KVConsumer:
                                             expected.failure))
         return events
 
+    def digests(self, request_id: str) -> list[BlockDigest]:
+        """Every sender's digests of a request's writes, once LANDED (rank 0 only)."""
+        return list(self._expected[request_id].digests)
+
+    def landed_blocks(self, request_id: str) -> list[int]:
+        """Where a request's wire bytes land on this rank: pool blocks or staging slots."""
+        expected = self._expected[request_id]
+        return list(expected.pool_blocks if expected.slots is None else expected.slots)
+
+    def verify(self, request_id: str, digests: list[BlockDigest]) -> list[Mismatch]:
+        """Check the wire bytes that landed on this rank (before ``finish`` dequantizes
+        staging) against the digests for this rank; the ones that do not match."""
+        routes = head_routes(self.num_kv_heads, self._expected[request_id].num_sources,
+                             self.tp_size)
+        return check(self._wire_bytes, writes_into(routes, self.tp_rank), digests,
+                     self.landed_blocks(request_id))
+
     def finish(self, request_id: str, materialize: bool) -> None:
         """Done with a request on this rank: dequantize staging into the pool if its KV
         landed (``materialize``), free its staging slots either way."""
@@ -188,6 +210,7 @@ class KVConsumer:
         if sender not in expected.pending:
             return
         expected.pending.discard(sender)
+        expected.digests += notice.digests
         if notice.kind is not NoticeKind.DONE:
             expected.failure = expected.failure or f"sender {sender}: {notice.kind.value}"
 

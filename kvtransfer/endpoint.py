@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from engine.kv_cache import FP8_DTYPE, KVCache
+from kvtransfer.checksum import BlockDigest, pack, unpack
 from kvtransfer.layout import DATA, RegionGeometry, descriptor_array
 from kvtransfer.wire import SlotPool, Source, source_of
 
-NOTICE_VERSION = 1
+NOTICE_VERSION = 2  # 2: the DONE notice carries the sender's KV digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,8 @@ class NoticeKind(Enum):
 
 class Notice(NamedTuple):
     """A prefill rank's (``src_rank``) last word on one request attempt, sent to decode
-    rank 0 over NIXL once its writes (``num_bytes`` in all) are no longer in flight;
+    rank 0 over NIXL once its writes (``num_bytes`` in all) are no longer in flight, with
+    the digests of what it wrote (``kv_transfer_checksum``; none when off);
     ``encode``/``decode`` give its versioned msgpack form."""
 
     kind: NoticeKind
@@ -79,17 +81,20 @@ class Notice(NamedTuple):
     attempt: int
     src_rank: int
     num_bytes: int
+    digests: tuple[BlockDigest, ...] = ()
 
     def encode(self) -> bytes:
         return msgpack.packb([NOTICE_VERSION, self.kind.value, self.request_id, self.attempt,
-                              self.src_rank, self.num_bytes])
+                              self.src_rank, self.num_bytes, pack(list(self.digests))])
 
     @classmethod
     def decode(cls, message: bytes) -> Notice:
-        version, kind, request_id, attempt, src_rank, num_bytes = msgpack.unpackb(message)
-        if version != NOTICE_VERSION:
-            raise ValueError(f"notice version {version}, expected {NOTICE_VERSION}")
-        return cls(NoticeKind(kind), request_id, attempt, src_rank, num_bytes)
+        fields = msgpack.unpackb(message)
+        if fields[0] != NOTICE_VERSION:
+            raise ValueError(f"notice version {fields[0]}, expected {NOTICE_VERSION}")
+        _, kind, request_id, attempt, src_rank, num_bytes, digests = fields
+        return cls(NoticeKind(kind), request_id, attempt, src_rank, num_bytes,
+                   tuple(unpack(src_rank, digests)))
 
 
 class WireRegion:

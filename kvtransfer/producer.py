@@ -20,8 +20,10 @@ import torch
 
 from engine.kv_cache import KVCache, quantize_fp8
 from kvtransfer.agent import Agent, TransferError
+from kvtransfer.checksum import BlockDigest, RegionBytes, digest_route, selected
 from kvtransfer.endpoint import Destination, Endpoint, Notice, NoticeKind, WireRegion
 from kvtransfer.layout import HeadRoute, head_routes, layer_indices, routes_from
+from pdserve.choices import KVChecksum
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class _Session:
     deadline: float
     in_flight: list[int] = field(default_factory=list)
     num_bytes: int = 0
+    digests: list[BlockDigest] = field(default_factory=list)  # of what was posted
     is_finishing: bool = False
     is_cancelled: bool = False
     failure: str = ""
@@ -66,14 +69,19 @@ class _Session:
 
 class KVProducer:
     """One prefill rank's sender: an agent over its pool (and send buffer), its peers (decode
-    ranks), and a progress thread."""
+    ranks), and a progress thread; with ``kv_transfer_checksum`` on, the DONE notice carries
+    digests of the wire bytes it posted (``kvtransfer/checksum.py``)."""
 
     def __init__(self, kv_cache: KVCache, *, agent_name: str, tp_rank: int, tp_size: int,
                  num_kv_heads: int, kv_transfer_dtype: str = "fp8",
-                 send_buffer_blocks: int = 256):
+                 send_buffer_blocks: int = 256,
+                 kv_transfer_checksum: KVChecksum = KVChecksum.OFF):
         self.kv_cache = kv_cache
         self.tp_rank, self.tp_size, self.num_kv_heads = tp_rank, tp_size, num_kv_heads
         self.region = WireRegion(kv_cache, kv_transfer_dtype, send_buffer_blocks)
+        self.checksum = kv_transfer_checksum
+        self._wire_bytes = RegionBytes(self.region.data, self.region.scales,
+                                       self.region.geometry)
         self.agent = Agent(agent_name, self.region.registered_tensors(kv_cache))
         self._peers: dict[str, _Peer] = {}
         # compute thread: request -> (pool blocks, wire blocks: the same or send-buffer slots)
@@ -291,6 +299,9 @@ class KVProducer:
         src = session.wire_blocks[first_block:first_block + count]
         dst = list(session.destination.block_ids[first_block:first_block + count])
         geometry = self.region.geometry
+        checked = selected(self.checksum, request_id, layer,
+                           range(first_block, first_block + count), geometry.num_layers,
+                           len(session.wire_blocks))
         for agent_name in session.destination.agents:
             peer = self._peers.get(agent_name)
             if peer is None:
@@ -308,6 +319,9 @@ class KVProducer:
             session.in_flight.append(transfer)
             data_bytes, scale_bytes = geometry.head_bytes
             session.num_bytes += 2 * len(src) * peer.route.num_heads * (data_bytes + scale_bytes)
+            # while the write is in flight; the source bytes no longer change
+            session.digests += digest_route(self._wire_bytes, peer.route, layer, checked,
+                                            session.wire_blocks)
 
     def _progress(self) -> None:
         now = time.monotonic()
@@ -340,7 +354,8 @@ class KVProducer:
         else:
             kind, reason = NoticeKind.DONE, ""
         notice = Notice(kind, session.request_id, session.attempt, self.tp_rank,
-                        session.num_bytes)
+                        session.num_bytes,
+                        tuple(session.digests) if kind is NoticeKind.DONE else ())
         receiver = session.destination.agents[0]
         if receiver in self._peers:
             try:

@@ -37,6 +37,14 @@ class DisaggMode(Enum):
     NEVER = "never"  # here
 
 
+class KVChecksum(Enum):
+    """Which blocks a prefill worker digests after writing them, for decode to verify."""
+
+    OFF = "off"  # nothing computed or sent
+    SAMPLE = "sample"  # a deterministic ~1/16 of each request's blocks, and its last one
+    ALL = "all"  # every block of every layer
+
+
 Choices = tuple[str, ...] | type[Enum]
 
 FIELD_ERROR = "{name}: {value!r} is invalid, must be {expected}"

@@ -28,6 +28,7 @@ from pdserve.choices import (
     QUANTIZATIONS,
     DisaggMode,
     FieldSpec,
+    KVChecksum,
     check_fields,
     field_specs,
     setting,
@@ -199,6 +200,13 @@ class ClusterConfig:
     router: RouterConfig = setting(factory=RouterConfig, expected=_SECTION % "RouterConfig")
     kv_transfer_dtype: str = setting("fp8", choices=KV_TRANSFER_DTYPES,
                                      flag="--kv-transfer-dtype", help="KV on the wire")
+    # Prefill digests the KV bytes it wrote, decode verifies them on landing (a mismatch
+    # falls back to a local prefill). Both roles read it; see docs/kvtransfer.md.
+    kv_transfer_checksum: KVChecksum = setting(
+        KVChecksum.OFF, flag="--kv-transfer-checksum",
+        expected="one of ('off', 'sample', 'all') (quote \"off\" in YAML, where a bare off "
+                 "is false)",
+        help="verify KV on the wire: off, sample (a few blocks per request) or all")
     block_size: int = setting(16, minimum=1)  # one value across the cluster
     dtype: str = setting("auto", choices=MODEL_DTYPES, flag="--dtype",
                          help="model dtype; auto is float32 on CPU, bfloat16 on CUDA")

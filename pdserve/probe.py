@@ -8,6 +8,8 @@ until the test releases it.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class Probe:
     """Called at fixed points of a worker's work; every method here does nothing."""
@@ -18,3 +20,10 @@ class Probe:
 
     def after_layer(self, request_id: str, layer: int) -> None:
         """Prefill, on each rank: ``layer``'s KV of ``request_id`` has just been posted."""
+
+    def before_kv_verify(self, request_id: str, tp_rank: int, wire_data: Any,
+                         landed_blocks: list[int]) -> None:
+        """Decode, on each rank, with ``kv_transfer_checksum`` on: ``request_id``'s remote KV
+        has landed and is about to be checked. ``wire_data`` is the rank's wire region
+        (a tensor ``[layers, 2, blocks, heads, block_size, head_dim]``: the pool, or the fp8
+        staging area), ``landed_blocks`` the blocks of it that were written."""

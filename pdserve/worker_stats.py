@@ -52,6 +52,8 @@ class DecodeStats(msgspec.Struct, frozen=True, kw_only=True):
     prefills: PrefillCounts
     prompt_tokens_computed: int
     num_finished: int
+    # remote KV that landed but failed its digests (kv_transfer_checksum); each fell back
+    checksum_failures: int = 0
     num_running: int
     num_waiting: int
     num_waiting_for_remote_kv: int

@@ -13,6 +13,7 @@ from engine.model_runner import ModelInput, ModelRunner, RunnerOptions
 from engine.parallel import TensorParallel
 from kvtransfer.endpoint import Destination, Endpoint
 from kvtransfer.producer import KVProducer
+from pdserve.choices import KVChecksum
 from pdserve.probe import Probe
 from pdserve.worker_stats import PrefillRankCounts
 
@@ -26,7 +27,8 @@ class PrefillRank:
     """One prefill rank: the model runner over its KV pool, and the KV producer."""
 
     def __init__(self, options: RunnerOptions, tp: TensorParallel, agent_name: str,
-                 kv_transfer_dtype: str, send_buffer_blocks: int, probe: Probe | None = None):
+                 kv_transfer_dtype: str, send_buffer_blocks: int, probe: Probe | None = None,
+                 kv_transfer_checksum: KVChecksum = KVChecksum.OFF):
         self.probe = probe or Probe()
         self.runner = ModelRunner(options, tp)
         self.num_layers = options.model.num_layers
@@ -34,7 +36,8 @@ class PrefillRank:
                                    tp_rank=tp.rank, tp_size=tp.size,
                                    num_kv_heads=options.model.num_kv_heads,
                                    kv_transfer_dtype=kv_transfer_dtype,
-                                   send_buffer_blocks=send_buffer_blocks)
+                                   send_buffer_blocks=send_buffer_blocks,
+                                   kv_transfer_checksum=kv_transfer_checksum)
 
     def execute(self, batch: ModelInput, sends: list[Send]) -> None:
         def after_layer(layer: int) -> None:

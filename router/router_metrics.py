@@ -66,6 +66,10 @@ class ScrapeTimeCollector(Collector):
             "pdserve_kv_transfer_bytes_total",
             "Bytes of KV cache prefill workers wrote into decode workers.",
             value=sum(s.bytes_sent for s in prefills))
+        yield CounterMetricFamily(
+            "pdserve_kv_checksum_failures_total",
+            "Remote prefills whose landed KV failed its checksum (kv_transfer_checksum), "
+            "then prefilled locally.", value=sum(s.checksum_failures for s in decodes))
         yield GaugeMetricFamily("pdserve_queue_depth",
                                 "Requests waiting in the router's admission queue.",
                                 value=self.queue_depth())

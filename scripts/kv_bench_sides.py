@@ -1,6 +1,7 @@
-"""The two sides of the KV transfer benchmark (scripts/bench_kvtransfer.py): the decode
-side runs in its own process (bare pools and consumers), the prefill side in the caller's
-(the engine's model runner and producers)."""
+"""The two sides of the KV transfer benchmarks (scripts/bench_kvtransfer.py,
+scripts/bench_kv_checksum.py): the decode side runs in its own process (bare pools and
+consumers), the prefill side in the caller's (the engine's model runner and producers).
+Each path may digest its KV (``checksums``); the decode side then verifies it on landing."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from kvtransfer.consumer import EventKind, KVConsumer
 from kvtransfer.endpoint import Destination, Endpoint
 from kvtransfer.layout import layer_indices
 from kvtransfer.producer import KVProducer
+from pdserve.choices import KVChecksum
 
 BLOCK_SIZE = 16
 # name -> (pool kv_cache_dtype on both sides, kv_transfer_dtype)
@@ -25,7 +27,7 @@ PATHS = {"fp8": ("auto", "fp8"), "auto": ("auto", "auto"), "fp8-pool": ("fp8", "
 
 # -- the decode side, in its own process ------------------------------------------------------
 
-def decode_side(conn, model_dir: str, num_blocks: int) -> None:
+def decode_side(conn, model_dir: str, num_blocks: int, paths: dict) -> None:
     """Bare pools (model dtype, fp8) with one consumer per path; answers the parent."""
     torch.set_num_threads(1)
     config = ModelConfig.from_dir(model_dir)
@@ -35,7 +37,7 @@ def decode_side(conn, model_dir: str, num_blocks: int) -> None:
     consumers = {path: KVConsumer(pools[dtype], agent_name=f"bench-decode-{path}", tp_rank=0,
                                   tp_size=1, num_kv_heads=config.num_kv_heads,
                                   kv_transfer_dtype=wire, staging_blocks=num_blocks)
-                 for path, (dtype, wire) in PATHS.items()}
+                 for path, (dtype, wire) in paths.items()}
     conn.send({wire: c.endpoint().to_wire() for wire, c in consumers.items()})
     while (message := conn.recv()) is not None:
         kind, wire, *rest = message
@@ -49,17 +51,28 @@ def decode_side(conn, model_dir: str, num_blocks: int) -> None:
         elif kind == "land":
             while not any(e.kind is EventKind.LANDED for e in consumer.poll()):
                 time.sleep(0.0005)
+            checked = verify(consumer, rest[0])
             consumer.finish(rest[0], materialize=True)
-            conn.send(None)
+            conn.send(checked)
     for consumer in consumers.values():
         consumer.close()
 
 
+def verify(consumer: KVConsumer, request_id: str) -> dict:
+    """Check a landed request's digests, as the decode worker does (none: nothing to do)."""
+    start = time.perf_counter()
+    digests = consumer.digests(request_id)
+    mismatches = consumer.verify(request_id, digests) if digests else []
+    return {"verify_s": time.perf_counter() - start, "num_digests": len(digests),
+            "num_mismatches": len(mismatches)}
+
+
 class DecodeSide:
-    def __init__(self, model_dir: str, num_blocks: int):
+    def __init__(self, model_dir: str, num_blocks: int, paths: dict = PATHS):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=decode_side, args=(child, model_dir, num_blocks))
+        self.process = context.Process(target=decode_side,
+                                       args=(child, model_dir, num_blocks, paths))
         self.process.start()
         self.endpoints = {w: Endpoint.from_wire(e) for w, e in self.conn.recv().items()}
 
@@ -75,7 +88,8 @@ class DecodeSide:
 # -- the prefill side ---------------------------------------------------------------------------
 
 class PrefillSide:
-    def __init__(self, model_dir: str, decode: DecodeSide, num_blocks: int):
+    def __init__(self, model_dir: str, decode: DecodeSide, num_blocks: int,
+                 paths: dict = PATHS, checksums: dict | None = None):
         self.config = ModelConfig.from_dir(model_dir)
         self.runner = ModelRunner(RunnerOptions(model_dir, self.config, "float32", "cpu",
                                                 num_blocks, BLOCK_SIZE, "auto", 4096),
@@ -84,13 +98,15 @@ class PrefillSide:
         # For the fp8-pool path: the runner's KV quantized into an fp8 pool, sent as is.
         self.fp8_pool = KVCache(self.config.num_layers, num_blocks, self.config.num_kv_heads,
                                 BLOCK_SIZE, self.config.head_dim, torch.float32, "fp8", "cpu")
-        self.producers = {}
-        for wire, (dtype, kv_transfer_dtype) in PATHS.items():
+        self.paths, self.producers = paths, {}
+        for wire, (dtype, kv_transfer_dtype) in paths.items():
             pool = self.fp8_pool if dtype == "fp8" else self.runner.kv_cache
             producer = KVProducer(pool, agent_name=f"bench-prefill-{wire}", tp_rank=0,
                                   tp_size=1, num_kv_heads=self.config.num_kv_heads,
                                   kv_transfer_dtype=kv_transfer_dtype,
-                                  send_buffer_blocks=num_blocks)
+                                  send_buffer_blocks=num_blocks,
+                                  kv_transfer_checksum=(checksums or {}).get(
+                                      wire, KVChecksum.OFF))
             producer.add_peer(decode.endpoints[wire])
             decode.call("peer", wire, producer.endpoint().to_wire())
             self.producers[wire] = producer
@@ -113,8 +129,9 @@ class PrefillSide:
         producer.finish(request_id)
         result = wait_result(producer)
         done = time.perf_counter() - start
-        self.decode.call("land", wire, request_id)
-        return {"compute_s": computed, "done_s": done, "num_bytes": result.num_bytes}
+        checked = self.decode.call("land", wire, request_id)
+        return {"compute_s": computed, "done_s": done, "num_bytes": result.num_bytes,
+                "landed_s": time.perf_counter() - start, **checked}
 
     def send_only(self, blocks: list[int], wire: str) -> tuple[float, int]:
         """The streaming path with the KV already in the pool: seconds and bytes."""
@@ -141,7 +158,7 @@ class PrefillSide:
         # The fp8 wire moves send-buffer slots into staging slots: use the first ones.
         slots = list(range(len(blocks)))
         sources = blocks if producer.region.is_pool else slots
-        lands_in_staging = PATHS[wire] == ("auto", "fp8")
+        lands_in_staging = self.paths[wire] == ("auto", "fp8")
         targets = slots if lands_in_staging else blocks
         start = time.perf_counter()
         handles = []

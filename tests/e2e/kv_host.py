@@ -101,12 +101,13 @@ def setup_decode(state, model_dir: str, kv_cache_dtype: str, wire: str, tp_size:
 
 
 def setup_prefill(state, model_dir: str, kv_cache_dtype: str, wire: str, tp_size: int,
-                  num_blocks: int, name: str) -> list[dict]:
+                  num_blocks: int, name: str, checksum: str = "off") -> list[dict]:
     """A TP1 model runner; with ``tp_size`` > 1, a pool per source rank beside it."""
     from engine.config import ModelConfig
     from engine.model_runner import ModelRunner, RunnerOptions
     from engine.parallel import TensorParallel, kv_head_range
     from kvtransfer.producer import KVProducer
+    from pdserve.choices import KVChecksum
 
     config = ModelConfig.from_dir(model_dir)
     state["config"] = config
@@ -118,7 +119,8 @@ def setup_prefill(state, model_dir: str, kv_cache_dtype: str, wire: str, tp_size
                 else _pool(config, num_blocks, heads, kv_cache_dtype))
         state["producers"].append(KVProducer(
             pool, agent_name=f"{name}-{rank}", tp_rank=rank, tp_size=tp_size,
-            num_kv_heads=config.num_kv_heads, kv_transfer_dtype=wire, send_buffer_blocks=8))
+            num_kv_heads=config.num_kv_heads, kv_transfer_dtype=wire, send_buffer_blocks=8,
+            kv_transfer_checksum=KVChecksum(checksum)))
     return [p.endpoint().to_wire() for p in state["producers"]]
 
 
@@ -232,6 +234,22 @@ def finish(state, request_id: str, materialize: bool) -> None:
         consumer.finish(request_id, materialize)
 
 
+def verify(state, request_id: str) -> tuple[int, list[list]]:
+    """How many digests rank 0 collected, and each decode rank's mismatches against them."""
+    digests = state["consumers"][0].digests(request_id)
+    return len(digests), [c.verify(request_id, digests) for c in state["consumers"]]
+
+
+def corrupt(state, rank: int, request_id: str, layer: int, position: int) -> None:
+    """Flip the first byte of what landed on ``rank`` for the request's block at
+    ``position``: K of ``layer``, its first head (a NIXL write that went wrong)."""
+    import torch
+
+    consumer = state["consumers"][rank]
+    block = consumer.landed_blocks(request_id)[position]
+    consumer.region.data[layer, 0, block].view(torch.uint8).view(-1)[0] ^= 0x01
+
+
 def pools(state, side: str) -> list[tuple]:
     """(data, scales) of every rank's pool, as float32 / raw bytes for comparison."""
     out = []
@@ -270,4 +288,4 @@ def counts(state) -> dict[str, list]:
 _FUNCTIONS = {f.__name__: f for f in (
     setup_decode, setup_prefill, add_peers, remove_peer, expect, prefill_and_send,
     wait_events, send_results, begin_and_send, finish, pools, counts, reset,
-    stale_notices, computed_kv, begin_only, close_send)}
+    stale_notices, computed_kv, begin_only, close_send, verify, corrupt)}

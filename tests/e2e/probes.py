@@ -5,7 +5,8 @@ test's ``Gate`` actor whether to stop only for the request ids it was built with
 requests never leave the worker process. The test says ``holds.hold("leaver", 2)``: the
 decode loop then stops once "leaver" has sent its chunk with 2 output tokens, until
 ``holds.release("leaver")``; ``holds.hold("leaver", 2, PREFILL)`` stops a prefill rank once
-it posted layer 2 of "leaver".
+it posted layer 2 of "leaver". ``CorruptProbe`` flips a landed KV byte before decode checks
+it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,25 @@ class HoldProbe(Probe):
         if request_id in self.request_ids and ray.get(
                 self.gate.should_hold.remote(request_id, where, point)):
             ray.get(self.gate.arrive.remote(request_id))
+
+
+class CorruptProbe(Probe):
+    """Flips the last byte of what landed for the named requests on one decode rank, after
+    the write and before the check (a NIXL write gone wrong): V of the last layer, in the
+    request's last block, which ``kv_transfer_checksum`` checks in every mode."""
+
+    def __init__(self, request_ids: frozenset[str], tp_rank: int):
+        self.request_ids = request_ids
+        self.tp_rank = tp_rank
+
+    def before_kv_verify(self, request_id: str, tp_rank: int, wire_data,
+                         landed_blocks: list[int]) -> None:
+        import torch
+
+        if request_id in self.request_ids and tp_rank == self.tp_rank:
+            # [heads, block_size, head_dim] of V, last layer, last block
+            landed = wire_data[wire_data.shape[0] - 1, 1, landed_blocks[-1]]
+            landed.view(torch.uint8).view(-1)[-1] ^= 0x01
 
 
 class Holds:

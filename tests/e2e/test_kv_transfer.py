@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.parallel import kv_head_range
+from kvtransfer.layout import head_routes
 from tests.e2e.kv_host import Host
 
 TIMEOUT_S = 60.0
@@ -31,13 +32,14 @@ def hosts():
     decode.close()
 
 
-def _connect(hosts, model_dir, prefill_dtype, decode_dtype, wire, src_tp=1, dst_tp=1):
+def _connect(hosts, model_dir, prefill_dtype, decode_dtype, wire, src_tp=1, dst_tp=1,
+             checksum="off"):
     prefill, decode = hosts
     prefill.call("reset")
     decode.call("reset")
     run = next(_names)
     sources = prefill.call("setup_prefill", str(model_dir), prefill_dtype, wire, src_tp, 16,
-                           f"prefill{run}")
+                           f"prefill{run}", checksum)
     sinks = decode.call("setup_decode", str(model_dir), decode_dtype, wire, dst_tp, 16, 8,
                         f"decode{run}")
     prefill.call("add_peers", sinks)
@@ -126,6 +128,37 @@ def test_tensor_parallel_layouts_give_the_tp1_kv(hosts, tiny_llama_dir, src_tp, 
     for rank, (data, _) in enumerate(hosts[1].call("pools", "consumers")):
         first, count = kv_head_range(2, rank, dst_tp)
         assert torch.equal(data[:, :, DST_BLOCKS], reference[:, :, :, first:first + count])
+
+
+@pytest.mark.parametrize("pools,src_tp,dst_tp,checksum", [
+    ("auto", 1, 2, "all"),  # send buffer -> staging, checked before dequantizing
+    ("fp8", 2, 1, "all"),  # pool -> pool, two senders into one rank
+    ("auto", 1, 2, "off"),  # nothing computed, sent or caught
+])
+def test_digests_match_over_nixl_and_catch_a_flipped_byte(hosts, tiny_llama_dir, pools,
+                                                          src_tp, dst_tp, checksum):
+    sources, sinks = _connect(hosts, tiny_llama_dir, pools, pools, "fp8", src_tp, dst_tp,
+                              checksum)
+    prefill, decode = hosts
+    targets = decode.call("expect", "r1", 0, DST_BLOCKS, sources, TIMEOUT_S)
+    results = prefill.call("prefill_and_send", "r1", 0, PROMPT[:-1], SRC_BLOCKS, sinks,
+                           targets, TIMEOUT_S)
+    assert all(ok for _, _, ok, _, _ in results), results
+    assert decode.call("wait_events", 1) == [("r1", 0, "landed", "")]
+    # one digest per route, layer (the tiny model has 2) and block
+    num_digests = len(head_routes(2, src_tp, dst_tp)) * 2 * len(DST_BLOCKS)
+    if checksum == "off":
+        num_digests = 0
+    assert decode.call("verify", "r1") == (num_digests, [[]] * dst_tp)
+    decode.call("corrupt", dst_tp - 1, "r1", 1, 2)  # layer 1, the third block, head 0
+    _, mismatches = decode.call("verify", "r1")
+    assert [len(m) for m in mismatches] == [0] * (dst_tp - 1) + [int(checksum == "all")]
+    if checksum == "all":
+        (mismatch,) = mismatches[-1]
+        assert mismatch.digest[:4] == (0, dst_tp - 1, 1, 2)  # from source rank 0
+        assert mismatch.block_id == targets[2] and mismatch.crc != mismatch.digest.crc
+    decode.call("finish", "r1", False)
+    _assert_nothing_held(decode, [0] * dst_tp)
 
 
 def test_notice_for_a_stale_attempt_is_dropped(hosts, tiny_llama_dir):

@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import EngineConfig
 from pdserve import choices
-from pdserve.choices import DisaggMode, field_specs, setting
+from pdserve.choices import DisaggMode, KVChecksum, field_specs, setting
 from pdserve.cli import build_parser, cluster_config, config_flags
 from pdserve.config import (
     ClusterConfig,
@@ -30,6 +30,7 @@ def test_defaults_are_valid():
     assert config.decode == DecodeConfig() and config.prefill == PrefillConfig()
     assert (config.kv_transfer_dtype, config.block_size, config.address) == ("fp8", 16, "local")
     assert config.decode.disagg_mode is DisaggMode.CONDITIONAL
+    assert config.kv_transfer_checksum is KVChecksum.OFF
     assert config.prefill.max_num_seqs == 16
 
 
@@ -122,6 +123,7 @@ def test_bad_prefill_field_is_named(name, value):
     ("address", "head:port"), ("address", "ray://"), ("address", 6379),
     ("placement_timeout_s", 0), ("placement_timeout_s", -1.0), ("num_threads", 0),
     ("seed", -1), ("seed", "0"), ("log_level", "INFO"), ("log_level", "trace"),
+    ("kv_transfer_checksum", "some"), ("kv_transfer_checksum", None),
 ])
 def test_bad_cluster_field_is_named(name, value):
     values = {"model_dir": "/m", name: value}
@@ -263,7 +265,8 @@ def _custom() -> ClusterConfig:
         "/models/tiny", DecodeConfig(num_workers=2, disagg_mode="always", num_blocks=512,
                                      max_remote_reserved_blocks=64),
         PrefillConfig(num_workers=3, tensor_parallel_size=2, kv_cache_dtype="fp8"),
-        device="cpu", max_model_len=4096, address="ray://head:10001", seed=7)
+        device="cpu", max_model_len=4096, address="ray://head:10001", seed=7,
+        kv_transfer_checksum="sample")
 
 
 def test_dict_round_trip():
@@ -274,6 +277,8 @@ def test_dict_round_trip():
     assert json.loads(json.dumps(data)) == data  # plain data: the Enum as its value
     assert ClusterConfig.from_dict(data) == config
     assert ClusterConfig.from_dict(data).decode.disagg_mode is DisaggMode.ALWAYS
+    assert data["kv_transfer_checksum"] == "sample"
+    assert ClusterConfig.from_dict(data).kv_transfer_checksum is KVChecksum.SAMPLE
     assert ClusterConfig.from_dict({"model_dir": "/m"}) == ClusterConfig("/m")
 
 
@@ -305,7 +310,7 @@ def test_from_dict_refuses_a_bad_shape():
 def test_from_yaml(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text("model_dir: /models/tiny\ndevice: cpu\nmax_model_len: 4096\n"
-                    "address: ray://head:10001\nseed: 7\n"
+                    "address: ray://head:10001\nseed: 7\nkv_transfer_checksum: sample\n"
                     "decode:\n  num_workers: 2\n  disagg_mode: always\n  num_blocks: 512\n"
                     "  max_remote_reserved_blocks: 64\n"
                     "prefill:\n  num_workers: 3\n  tensor_parallel_size: 2\n"
@@ -319,6 +324,10 @@ def test_from_yaml(tmp_path):
     ("model_dir: /m\ndecode: [1, 2\n", "is not valid YAML"),
     ("- model_dir\n- /m\n", "the top level must be a mapping, got list"),
     ("model_dir: /m\nblock_size: 0\n", "block_size: 0 is invalid, must be >= 1"),
+    # YAML 1.1 reads a bare off as false: the error says to quote it
+    ("model_dir: /m\nkv_transfer_checksum: off\n", "kv_transfer_checksum: False is invalid, "
+     "must be one of ('off', 'sample', 'all') (quote \"off\" in YAML, where a bare off is "
+     "false)"),
 ])
 def test_from_yaml_names_the_file(tmp_path, text, message):
     path = tmp_path / "cluster.yaml"
@@ -428,7 +437,8 @@ def test_each_flag_sets_the_fields_that_ask_for_it():
         "--prefill-tp": ("prefill.tensor_parallel_size",),
         "--host": ("router.host",), "--port": ("router.port",),
         "--max-queue": ("router.max_queue",), "--kv-weight": ("router.kv_weight",),
-        "--kv-transfer-dtype": ("kv_transfer_dtype",), "--address": ("address",),
+        "--kv-transfer-dtype": ("kv_transfer_dtype",),
+        "--kv-transfer-checksum": ("kv_transfer_checksum",), "--address": ("address",),
         "--dtype": ("dtype",), "--attention-backend": ("attention_backend",),
         "--quantization": ("quantization",),
     }

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.kv_cache import KVCache
-from kvtransfer.endpoint import Endpoint, Notice, NoticeKind, WireRegion
+from kvtransfer.checksum import BlockDigest
+from kvtransfer.endpoint import NOTICE_VERSION, Endpoint, Notice, NoticeKind, WireRegion
 from kvtransfer.layout import RegionGeometry
 from kvtransfer.wire import SlotPool, Source, Target, check_wire, source_of, target_of
 from pdserve.config import lands_in_staging
@@ -95,3 +96,13 @@ def test_notice_roundtrip_and_version():
     assert Notice.decode(notice.encode()) == notice
     with pytest.raises(ValueError, match="version"):
         Notice.decode(msgpack.packb([99, "done", "r", 0, 0, 0]))
+    with pytest.raises(ValueError, match="version"):  # a version-1 sender, without digests
+        Notice.decode(msgpack.packb([1, "done", "r", 0, 0, 0]))
+
+
+def test_notice_carries_its_senders_digests():
+    digests = (BlockDigest(1, 0, 0, 2, 0xDEADBEEF), BlockDigest(1, 1, 8, 0, 7))
+    notice = Notice(NoticeKind.DONE, "req-1", 3, 1, 1024, digests)
+    assert Notice.decode(notice.encode()) == notice
+    assert len(notice.encode()) - len(Notice(*notice[:5]).encode()) == 16 * len(digests)
+    assert msgpack.unpackb(notice.encode())[0] == NOTICE_VERSION

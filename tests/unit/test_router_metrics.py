@@ -97,6 +97,9 @@ def test_families_keep_their_names_types_and_help():
          "Prompt tokens run through the model, by role."),
         ("pdserve_kv_transfer_bytes", "counter",
          "Bytes of KV cache prefill workers wrote into decode workers."),
+        ("pdserve_kv_checksum_failures", "counter",
+         "Remote prefills whose landed KV failed its checksum (kv_transfer_checksum), "
+         "then prefilled locally."),
         ("pdserve_queue_depth", "gauge", "Requests waiting in the router's admission queue."),
         ("pdserve_requests_running", "gauge",
          "Requests admitted and in flight to the workers."),
