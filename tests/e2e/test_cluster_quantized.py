@@ -1,5 +1,6 @@
-"""Quantized weights through the cluster: local and remote prefill, at other tensor-parallel
-sizes on each side, give the TP1 engine's greedy tokens for the same quantization."""
+"""Quantized weights across processes: an engine of two ranks, and the cluster's local and
+remote prefill at other tensor-parallel sizes on each side, give the TP1 engine's greedy
+tokens for the same quantization."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import pytest
 
 from cluster.launcher import launch
+from engine import LLM, SamplingParams
 from engine.config import ModelConfig
 from pdserve.worker_stats import PrefillCounts, Role
 from tests.e2e.cluster_harness import (
@@ -19,6 +21,7 @@ from tests.e2e.cluster_harness import (
     worker_stats,
 )
 from tests.unit.engine_oracle import random_prompts
+from tests.unit.quant_checkpoints import write_fp8_block
 
 LENGTHS = [100, 12, 70]  # remote, local, remote (threshold 32)
 
@@ -39,3 +42,20 @@ def test_quantized_cluster_gives_the_tp1_engines_tokens(ray_session, tiny_llama_
         (decode,) = worker_stats(cluster, Role.DECODE)
         assert decode.prefills == PrefillCounts(local=1, remote=2)
         wait_for(lambda: is_idle(cluster), "an idle cluster")
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp8", "block"])
+def test_an_engine_of_two_ranks_equals_one(tiny_llama_dir, tmp_path, variant):
+    """The scales shard with their rows and columns, and a row-parallel rank's fp8 token
+    scales come from the whole row: TP=2 computes TP=1's tokens (two processes, gloo)."""
+    model_dir, options = tiny_llama_dir, {"quantization": variant}
+    if variant == "block":
+        model_dir, options = write_fp8_block(tiny_llama_dir, tmp_path / "block", (32, 32)), {}
+    prompts = random_prompts([21, 6], 400, seed=4)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outputs = []
+    for size in (1, 2):
+        with LLM(str(model_dir), num_blocks=64, block_size=4, tensor_parallel_size=size,
+                 **options) as llm:
+            outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outputs[0] == outputs[1]

@@ -279,15 +279,6 @@ def test_fp8_on_load_is_the_compressed_tensors_fp8_dynamic_scheme(tiny_llama_dir
                                    rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp8", "block"])
-def test_tensor_parallel_two_ranks_equal_one(tiny_llama_dir, fp8_block_dir, variant):
-    model_dir = fp8_block_dir if variant == "block" else tiny_llama_dir
-    options = {} if variant == "block" else {"quantization": variant}
-    one = _engine_outputs(model_dir, PROMPTS, **options)
-    two = _engine_outputs(model_dir, PROMPTS, tensor_parallel_size=2, **options)
-    assert [o.token_ids for o in one] == [o.token_ids for o in two]
-
-
 # -- bad checkpoints refuse at load, naming the tensor ---------------------------------------
 
 def _broken_copy(model_dir, tmp_path, edit):
