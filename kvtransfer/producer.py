@@ -2,9 +2,9 @@
 
 The compute thread calls ``begin``, then ``send_layer`` after each layer (it quantizes into
 the send buffer when the pool is not fp8, and returns at once), then ``finish``. A progress
-thread posts the WRITEs, polls them, and sends the completion notice to the destination's
-rank 0 only after every write of the request has completed; a notice says nothing about
-other transfers, so it must wait for all of them. Results come back through ``poll``.
+thread posts the WRITEs, polls them, and notifies the destination's rank 0 only once every
+write of the request has completed (a notice says nothing about other transfers); results
+come back through ``poll``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kvtransfer.checksum import BlockDigest, RegionBytes, digest_route, selected
 from kvtransfer.endpoint import Destination, Endpoint, Notice, NoticeKind, WireRegion
 from kvtransfer.layout import HeadRoute, head_routes, layer_indices, routes_from
 from pdserve.choices import KVChecksum
+from pdserve.probe import Probe
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,10 @@ class KVProducer:
     digests of the wire bytes it posted (``kvtransfer/checksum.py``)."""
 
     def __init__(self, kv_cache: KVCache, *, agent_name: str, tp_rank: int, tp_size: int,
-                 num_kv_heads: int, kv_transfer_dtype: str = "fp8",
-                 send_buffer_blocks: int = 256,
-                 kv_transfer_checksum: KVChecksum = KVChecksum.OFF):
+                 num_kv_heads: int, kv_transfer_dtype: str = "fp8", send_buffer_blocks: int = 256,
+                 kv_transfer_checksum: KVChecksum = KVChecksum.OFF, probe: Probe | None = None):
         self.kv_cache = kv_cache
+        self.probe = probe or Probe()
         self.tp_rank, self.tp_size, self.num_kv_heads = tp_rank, tp_size, num_kv_heads
         self.region = WireRegion(kv_cache, kv_transfer_dtype, send_buffer_blocks)
         self.checksum = kv_transfer_checksum
@@ -357,7 +358,9 @@ class KVProducer:
                         session.num_bytes,
                         tuple(session.digests) if kind is NoticeKind.DONE else ())
         receiver = session.destination.agents[0]
-        if receiver in self._peers:
+        if kind is NoticeKind.DONE and self.probe.drop_notice(session.request_id):
+            logger.warning("request %s: DONE notice dropped (test probe)", session.request_id)
+        elif receiver in self._peers:
             try:
                 self.agent.notify(receiver, notice.encode())
             except TransferError as error:

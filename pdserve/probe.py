@@ -21,6 +21,11 @@ class Probe:
     def after_layer(self, request_id: str, layer: int) -> None:
         """Prefill, on each rank: ``layer``'s KV of ``request_id`` has just been posted."""
 
+    def drop_notice(self, request_id: str) -> bool:
+        """Prefill, on each rank's KV progress thread: True loses ``request_id``'s DONE notice
+        on the way to decode (the writes all landed; decode never hears of it)."""
+        return False
+
     def before_kv_verify(self, request_id: str, tp_rank: int, wire_data: Any,
                          landed_blocks: list[int]) -> None:
         """Decode, on each rank, with ``kv_transfer_checksum`` on: ``request_id``'s remote KV

@@ -37,7 +37,8 @@ class PrefillRank:
                                    num_kv_heads=options.model.num_kv_heads,
                                    kv_transfer_dtype=kv_transfer_dtype,
                                    send_buffer_blocks=send_buffer_blocks,
-                                   kv_transfer_checksum=kv_transfer_checksum)
+                                   kv_transfer_checksum=kv_transfer_checksum,
+                                   probe=self.probe)
 
     def execute(self, batch: ModelInput, sends: list[Send]) -> None:
         def after_layer(layer: int) -> None:

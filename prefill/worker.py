@@ -140,10 +140,12 @@ class PrefillWorker:
             self.queue.remove(job)
             self.stats["jobs_cancelled"] += 1
         job = self.active.get(msg.request_id)
-        if job is not None and job.msg.attempt == msg.attempt:
+        is_writing = job is not None and job.msg.attempt == msg.attempt
+        if is_writing:  # its sends end with a notice
             job.is_cancelled = True
-        # Not queued: it started, so its sends end with a notice (if they have not already).
-        connection.send(protocol.CancelJobReply(msg.request_id, msg.attempt, not queued,
+        # Neither queued nor active: it never started, or every rank's sends have ended (it
+        # is retired only then), so nothing can land any more, even if its notice was lost.
+        connection.send(protocol.CancelJobReply(msg.request_id, msg.attempt, is_writing,
                                                 self.queue_depth))
         logger.debug("request %s: cancel (attempt %d), %s", msg.request_id, msg.attempt,
                      "dropped from the queue" if queued else "stopping its sends")

@@ -89,6 +89,16 @@ class CorruptProbe(Probe):
             landed.view(torch.uint8).view(-1)[-1] ^= 0x01
 
 
+class DropNoticeProbe(Probe):
+    """Loses the DONE notices of the named requests (every write landed; decode never hears)."""
+
+    def __init__(self, request_ids: frozenset[str]):
+        self.request_ids = request_ids
+
+    def drop_notice(self, request_id: str) -> bool:
+        return request_id in self.request_ids
+
+
 class Holds:
     """The test's side: make the probe, hold, wait until held, release."""
 
