@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -35,6 +36,22 @@ using namespace pdserve;
 enum DType { F32 = 0, BF16 = 1 };
 
 constexpr int kMaxRows = 8;
+
+// Calls f with M (1 to 8; more is 8) as a compile-time constant: every kernel is
+// instantiated per row count, so its loops over rows unroll.
+template <typename F>
+inline void by_rows(int64_t M, F&& f) {
+    switch (M) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 5: f(std::integral_constant<int, 5>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 7: f(std::integral_constant<int, 7>{}); break;
+        default: f(std::integral_constant<int, 8>{}); break;
+    }
+}
 
 template <int W>
 inline v16 load_w(const void* w, int64_t index) {
@@ -123,16 +140,9 @@ void gemm_rows_bf16(const uint16_t* x, const uint16_t* w, int64_t n_begin, int64
 
 void gemm_bf16(int64_t M, const uint16_t* x, const uint16_t* w, int64_t n_begin, int64_t n_end,
                int64_t K, float* y, int64_t N) {
-    switch (M) {
-        case 1: gemm_rows_bf16<1>(x, w, n_begin, n_end, K, y, N); break;
-        case 2: gemm_rows_bf16<2>(x, w, n_begin, n_end, K, y, N); break;
-        case 3: gemm_rows_bf16<3>(x, w, n_begin, n_end, K, y, N); break;
-        case 4: gemm_rows_bf16<4>(x, w, n_begin, n_end, K, y, N); break;
-        case 5: gemm_rows_bf16<5>(x, w, n_begin, n_end, K, y, N); break;
-        case 6: gemm_rows_bf16<6>(x, w, n_begin, n_end, K, y, N); break;
-        case 7: gemm_rows_bf16<7>(x, w, n_begin, n_end, K, y, N); break;
-        default: gemm_rows_bf16<8>(x, w, n_begin, n_end, K, y, N); break;
-    }
+    by_rows(M, [&](auto rows) {
+        gemm_rows_bf16<decltype(rows)::value>(x, w, n_begin, n_end, K, y, N);
+    });
 }
 #endif
 
@@ -148,16 +158,9 @@ void gemm_rows(const float* x, const void* w, int64_t n_begin, int64_t n_end, in
 template <int W>
 void gemm(int64_t M, const float* x, const void* w, int64_t n_begin, int64_t n_end, int64_t K,
           float* y, int64_t N) {
-    switch (M) {
-        case 1: gemm_rows<W, 1>(x, w, n_begin, n_end, K, y, N); break;
-        case 2: gemm_rows<W, 2>(x, w, n_begin, n_end, K, y, N); break;
-        case 3: gemm_rows<W, 3>(x, w, n_begin, n_end, K, y, N); break;
-        case 4: gemm_rows<W, 4>(x, w, n_begin, n_end, K, y, N); break;
-        case 5: gemm_rows<W, 5>(x, w, n_begin, n_end, K, y, N); break;
-        case 6: gemm_rows<W, 6>(x, w, n_begin, n_end, K, y, N); break;
-        case 7: gemm_rows<W, 7>(x, w, n_begin, n_end, K, y, N); break;
-        default: gemm_rows<W, 8>(x, w, n_begin, n_end, K, y, N); break;
-    }
+    by_rows(M, [&](auto rows) {
+        gemm_rows<W, decltype(rows)::value>(x, w, n_begin, n_end, K, y, N);
+    });
 }
 
 enum QType { Q_INT8 = 0, Q_FP8 = 1 };
@@ -232,16 +235,9 @@ void quant_rows(const float* x, const QuantWeight& q, int64_t n_begin, int64_t n
 template <int Q>
 void quant_small(int64_t M, const float* x, const QuantWeight& q, int64_t n_begin, int64_t n_end,
                  int64_t K, float* y, int64_t N) {
-    switch (M) {
-        case 1: quant_rows<Q, 1>(x, q, n_begin, n_end, K, y, N); break;
-        case 2: quant_rows<Q, 2>(x, q, n_begin, n_end, K, y, N); break;
-        case 3: quant_rows<Q, 3>(x, q, n_begin, n_end, K, y, N); break;
-        case 4: quant_rows<Q, 4>(x, q, n_begin, n_end, K, y, N); break;
-        case 5: quant_rows<Q, 5>(x, q, n_begin, n_end, K, y, N); break;
-        case 6: quant_rows<Q, 6>(x, q, n_begin, n_end, K, y, N); break;
-        case 7: quant_rows<Q, 7>(x, q, n_begin, n_end, K, y, N); break;
-        default: quant_rows<Q, 8>(x, q, n_begin, n_end, K, y, N); break;
-    }
+    by_rows(M, [&](auto rows) {
+        quant_rows<Q, decltype(rows)::value>(x, q, n_begin, n_end, K, y, N);
+    });
 }
 
 // Weight rows [n0, n0 + rows) dequantized to float32 into out [rows, K].
